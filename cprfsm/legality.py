@@ -1,0 +1,291 @@
+"""Decide whether QEMU would accept a request, and if not, exactly what it would say.
+
+:func:`check` walks the QMP sequence a user sends (``migrate-set-parameters``,
+``migrate-set-capabilities``, then the command) through one release's rules and
+returns a frozen :class:`Verdict`.  It is pure: nothing is started or changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import attrs
+
+from cprfsm._conditions import Facts
+from cprfsm.exceptions import UnknownNameError, UsageError
+from cprfsm.model import COMMANDS, QemuModel, Rule, load_model
+
+__all__ = [
+    "Configuration",
+    "MemoryBackend",
+    "Reason",
+    "Verdict",
+    "check",
+]
+
+_INCOMING_STATES = ("none", "deferred", "started")
+# QEMU names the RAM region of plain `-m` memory after the machine's RAM id.
+_DEFAULT_RAM_REGION = "pc.ram"
+
+
+@attrs.frozen(kw_only=True)
+class MemoryBackend:
+    """Guest RAM: a backend kind (``ram``, ``memfd``, ``file``), its share flag and an id."""
+
+    kind: str = "ram"
+    share: bool = False
+    object: bool = False
+    path: str | None = None
+    id: str = "ram0"
+
+    @classmethod
+    def parse(cls, spec: str) -> MemoryBackend:
+        """Parse ``KIND[,share=on|off][,path=PATH][,id=ID]``, as ``cprfsm check --memory``."""
+        kind, *options = spec.strip().split(",")
+        fields: dict[str, Any] = {"kind": kind, "object": bool(options) or kind != "ram"}
+        for option in options:
+            key, sep, value = option.partition("=")
+            if not sep:
+                raise UsageError(f"memory option {option!r} must be NAME=VALUE in {spec!r}")
+            if key == "share":
+                fields["share"] = _switch(value, f"share in {spec!r}")
+            elif key in {"path", "id"}:
+                fields[key] = value
+            else:
+                raise UsageError(
+                    f"unknown memory option {key!r} in {spec!r}; use share=on|off, path= or id="
+                )
+        return cls(**fields)
+
+    def spec(self) -> str:
+        """The backend spelled as :meth:`parse` reads it."""
+        if not self.object:
+            return self.kind
+        return f"{self.kind},share={'on' if self.share else 'off'}"
+
+
+@attrs.frozen(kw_only=True)
+class Configuration:
+    """One VM's situation and plan: what QEMU holds when a command arrives.
+
+    ``mode``, ``capabilities`` and ``parameters`` are what the user will set;
+    the rest describes the VM and its host.  Names are spelled as QEMU's QAPI
+    spells them.
+    """
+
+    mode: str = "normal"
+    capabilities: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    parameters: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
+    runstate: str = "running"
+    was_suspended: bool = False
+    migration: str = "none"
+    incoming: str = "none"
+    uri: str = "file:/var/lib/cprfsm/vm.state"
+    cpr_channel: str | None = None
+    devices: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    memory: MemoryBackend = attrs.field(factory=MemoryBackend)
+    aux_ram_share: bool = False
+    host: Mapping[str, bool] = attrs.field(factory=dict, converter=dict)
+
+    @property
+    def transport(self) -> str:
+        """The URI scheme of the main migration channel."""
+        scheme, sep, _ = self.uri.partition(":")
+        if not sep:
+            raise UsageError(f"migration URI {self.uri!r} has no scheme; write e.g. file:/path")
+        return scheme
+
+
+@attrs.frozen(kw_only=True)
+class Reason:
+    """One violated rule: the QMP command that fails, QEMU's exact text, where and why."""
+
+    rule: str
+    command: str
+    asynchronous: bool
+    error: str
+    source: str
+    hint: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The reason as a JSON-ready dict."""
+        return attrs.asdict(self)
+
+
+@attrs.frozen(kw_only=True)
+class Verdict:
+    """What QEMU would do with a request; ``reasons`` holds every violated rule, QEMU's first."""
+
+    qemu: str
+    command: str
+    steps: tuple[str, ...]
+    reasons: tuple[Reason, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        """Whether QEMU accepts every step and the migration does not fail."""
+        return not self.reasons
+
+    @property
+    def first(self) -> Reason | None:
+        """The reason QEMU reports (it stops at the first failure), or None."""
+        return self.reasons[0] if self.reasons else None
+
+    @property
+    def failed_at(self) -> str | None:
+        """The QMP command whose reply (or migration) fails, or None."""
+        return self.first.command if self.first else None
+
+    @property
+    def error(self) -> str | None:
+        """QEMU's exact error text, or None."""
+        return self.first.error if self.first else None
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the failure shows only as a failed migration, not as a QMP error."""
+        return bool(self.first and self.first.asynchronous)
+
+    def summary(self) -> str:
+        """One paragraph for people: the verdict, QEMU's words and what to change."""
+        if self.first is None:
+            return f"QEMU {self.qemu} accepts {' -> '.join(self.steps)}"
+        how = "the migration then fails with" if self.asynchronous else "it replies"
+        return (
+            f"QEMU {self.qemu} refuses at {self.first.command}: {how} "
+            f"{self.first.error!r} [{self.first.rule}, {self.first.source}]. "
+            f"To fix: {self.first.hint}."
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The verdict as the JSON object ``cprfsm check --json`` prints."""
+        first = self.first
+        return {
+            "allowed": self.allowed,
+            "qemu": self.qemu,
+            "command": self.command,
+            "steps": list(self.steps),
+            "failed_at": self.failed_at,
+            "asynchronous": self.asynchronous,
+            "error": self.error,
+            "rule": first.rule if first else None,
+            "source": first.source if first else None,
+            "hint": first.hint if first else None,
+            "reasons": [reason.to_json() for reason in self.reasons],
+        }
+
+
+def check(
+    config: Configuration | None = None,
+    command: str = "migrate",
+    *,
+    qemu: str | None = None,
+    model: QemuModel | None = None,
+) -> Verdict:
+    """Decide ``command`` for ``config`` on QEMU ``qemu`` (or an already loaded ``model``).
+
+    The walk sends ``migrate-set-parameters`` when a mode or parameter is set
+    and ``migrate-set-capabilities`` when capabilities are, then ``command``.
+    Unknown names raise UnknownNameError; nothing else raises.
+    """
+    config = config or Configuration()
+    model = model or load_model(qemu)
+    if command not in COMMANDS:
+        raise UnknownNameError("command", command, COMMANDS)
+    facts = _facts(model, config)
+    steps = _steps(config, command)
+    reasons = tuple(
+        reason for step in steps for rule in model.rules_for(step) if (reason := _match(rule, step, facts))
+    )
+    return Verdict(qemu=model.version, command=command, steps=steps, reasons=reasons)
+
+
+def _steps(config: Configuration, command: str) -> tuple[str, ...]:
+    steps: list[str] = []
+    if command in {"migrate", "migrate-incoming", "migrate-set-parameters"} and (
+        config.mode != "normal" or config.parameters or command == "migrate-set-parameters"
+    ):
+        steps.append("migrate-set-parameters")
+    if command in {"migrate", "migrate-incoming", "migrate-set-capabilities"} and (
+        config.capabilities or command == "migrate-set-capabilities"
+    ):
+        steps.append("migrate-set-capabilities")
+    if command not in steps:
+        steps.append(command)
+    return tuple(steps)
+
+
+def _match(rule: Rule, step: str, facts: Facts) -> Reason | None:
+    bindings = rule.when(facts)
+    if bindings is None:
+        return None
+    values = {"region": facts.region, **bindings}
+    return Reason(
+        rule=rule.id,
+        command=step,
+        asynchronous=rule.asynchronous,
+        error=rule.error.format_map(values),
+        source=rule.source,
+        hint=rule.hint.format_map(values),
+    )
+
+
+def _facts(model: QemuModel, config: Configuration) -> Facts:
+    where = f"QEMU {model.version}"
+    mode = model.mode(config.mode)
+    _known("capability", config.capabilities, model.capabilities, where)
+    _known("runstate", (config.runstate,), model.runstates, where)
+    _known("migration status", (config.migration,), model.migration_statuses, where)
+    _known("incoming state", (config.incoming,), _INCOMING_STATES, where)
+    _known("device", config.devices, (d.name for d in model.devices), where)
+    host_defaults = {fact.name: fact.default for fact in model.host_facts}
+    _known("host fact", config.host, host_defaults, where)
+    parameters = {p.name: p for p in model.parameters}
+    _known("parameter", config.parameters, parameters, where)
+    normalized: dict[str, str] = {}
+    for name, value in config.parameters.items():
+        spelled = str(value).lower() if isinstance(value, bool) else str(value)
+        allowed = parameters[name].values
+        if allowed is not None and spelled not in allowed:
+            raise UnknownNameError(f"value of {name}", spelled, allowed, context=where)
+        normalized[name] = spelled
+    transport = model.transport(config.transport)
+    memory = config.memory
+    kinds = [k for k in model.memory_backends if k.name == memory.kind]
+    if not kinds:
+        raise UnknownNameError("memory backend", memory.kind, {k.name for k in model.memory_backends})
+    kind = next((k for k in kinds if (k.object is not None) == memory.object), kinds[0])
+    if memory.share and not kind.shareable:
+        raise UsageError(f"memory backend {memory.spec()!r} cannot be shared; drop share=on")
+    if config.cpr_channel is not None and not config.cpr_channel.startswith("unix:"):
+        raise UsageError(f"the cpr channel must be a unix: URI, not {config.cpr_channel!r}")
+    return Facts(
+        mode=mode.name,
+        capabilities=config.capabilities,
+        runstate=config.runstate,
+        suspended=config.runstate == "suspended" or config.was_suspended,
+        migration_running=config.migration in model.running_statuses,
+        incoming=config.incoming,
+        transport=attrs.asdict(transport),
+        cpr_channel=config.cpr_channel is not None,
+        memory={
+            "name": kind.name,
+            "shareable": kind.shareable,
+            "named_file": kind.named_file,
+            "share": memory.share,
+        },
+        aux_ram_share=config.aux_ram_share,
+        devices=tuple((name, f"{name}{index}") for index, name in enumerate(config.devices)),
+        parameters=normalized,
+        parameter_defaults={p.name: p.default for p in model.parameters},
+        host={**host_defaults, **config.host},
+        region=memory.id if kind.object is not None else _DEFAULT_RAM_REGION,
+    )
+
+
+def _known(kind: str, names: Iterable[str], valid: Iterable[str], where: str) -> None:
+    valid = tuple(valid)
+    for name in names:
+        if name not in valid:
+            raise UnknownNameError(kind, name, valid, context=where)
