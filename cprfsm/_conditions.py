@@ -224,7 +224,7 @@ def _parameter_values(node: Node, vocab: Vocabulary) -> Predicate:
         allowed = vocab.parameters[name]
         spelled = frozenset(v for v, _ in values.texts(f"values of {name}"))
         if allowed is not None and not spelled <= allowed:
-            values.fail(f"{name} has no value {sorted(spelled - allowed)[0]!r}")
+            values.fail(f"{name} has no value {min(spelled - allowed)!r}")
         wanted[name] = spelled
 
     def predicate(facts: Facts) -> Bindings | None:
@@ -253,9 +253,7 @@ def _host(node: Node, vocab: Vocabulary) -> Predicate:
     wanted: dict[str, bool] = {}
     for name, value in node.items("the host test").items():
         if name not in vocab.host_facts:
-            value.fail(
-                f"unknown host fact {name!r}; known: {', '.join(sorted(vocab.host_facts))}"
-            )
+            value.fail(f"unknown host fact {name!r}; known: {', '.join(sorted(vocab.host_facts))}")
         wanted[name] = value.flag(name)
 
     def predicate(facts: Facts) -> Bindings | None:

@@ -65,9 +65,8 @@ class Node:
             if name in result:
                 key.fail(f"{what} repeats the key {name!r}")
             if allowed is not None and name not in allowed:
-                key.fail(
-                    f"{what} has an unknown key {name!r}; allowed keys: {', '.join(sorted(allowed))}"
-                )
+                known = ", ".join(sorted(allowed))
+                key.fail(f"{what} has an unknown key {name!r}; allowed keys: {known}")
             result[name] = Node(value_node, self.path)
         return result
 

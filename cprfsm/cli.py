@@ -8,7 +8,7 @@ import sys
 from typing import TYPE_CHECKING, NoReturn
 
 from cprfsm.exceptions import CprFsmError, UsageError
-from cprfsm.legality import Configuration, MemoryBackend, Verdict, check
+from cprfsm.legality import Configuration, MemoryBackend, Verdict, _switch, check
 from cprfsm.model import COMMANDS, load_model
 
 if TYPE_CHECKING:
@@ -52,33 +52,80 @@ def _build_parser() -> argparse.ArgumentParser:
             "Exit status: 0 allowed, 1 refused, 2 usage error."
         ),
     )
-    chk.add_argument("command", nargs="?", default="migrate", choices=COMMANDS, metavar="COMMAND",
-                     help=f"the QMP command to check (default migrate; one of {', '.join(COMMANDS)})")
+    chk.add_argument(
+        "command",
+        nargs="?",
+        default="migrate",
+        choices=COMMANDS,
+        metavar="COMMAND",
+        help=f"the QMP command to check (default migrate; one of {', '.join(COMMANDS)})",
+    )
     chk.add_argument("--qemu", metavar="VERSION", help="QEMU release (default: newest modelled)")
     chk.add_argument("--model", metavar="PATH", help="a model file of your own (default: shipped)")
     chk.add_argument("--mode", default="normal", help="migration mode (default normal)")
-    chk.add_argument("--cap", action="append", default=[], metavar="CAP",
-                     help="a migration capability to enable (repeatable)")
-    chk.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                     help="a migration parameter to set (repeatable)")
+    chk.add_argument(
+        "--cap",
+        action="append",
+        default=[],
+        metavar="CAP",
+        help="a migration capability to enable (repeatable)",
+    )
+    chk.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a migration parameter to set (repeatable)",
+    )
     chk.add_argument("--runstate", default="running", help="QEMU runstate (default running)")
-    chk.add_argument("--was-suspended", action="store_true",
-                     help="the guest was suspended when it was stopped (QEMU's hidden flag)")
-    chk.add_argument("--migration", default="none", metavar="STATUS",
-                     help="current outgoing migration status (default none)")
-    chk.add_argument("--incoming", default="none", choices=("none", "deferred", "started"),
-                     help="-incoming state of this QEMU (default none)")
-    chk.add_argument("--uri", default="file:/var/lib/cprfsm/vm.state",
-                     help="migration URI (default file:/var/lib/cprfsm/vm.state)")
-    chk.add_argument("--cpr-channel", metavar="URI", help="the cpr channel (cpr-transfer), unix:PATH")
-    chk.add_argument("--device", action="append", default=[], metavar="DEVICE",
-                     help="an attached device: vfio, or a block format such as vdi (repeatable)")
-    chk.add_argument("--memory", default="ram", metavar="BACKEND",
-                     help="guest RAM backend: ram, ram,share=on, memfd,share=on, file,share=on ...")
-    chk.add_argument("--aux-ram-share", action="store_true",
-                     help="QEMU runs with -machine aux-ram-share=on")
-    chk.add_argument("--host", action="append", default=[], metavar="FACT=on|off",
-                     help="override a host fact such as replication or uffd-wp (repeatable)")
+    chk.add_argument(
+        "--was-suspended",
+        action="store_true",
+        help="the guest was suspended when it was stopped (QEMU's hidden flag)",
+    )
+    chk.add_argument(
+        "--migration",
+        default="none",
+        metavar="STATUS",
+        help="current outgoing migration status (default none)",
+    )
+    chk.add_argument(
+        "--incoming",
+        default="none",
+        choices=("none", "deferred", "started"),
+        help="-incoming state of this QEMU (default none)",
+    )
+    chk.add_argument(
+        "--uri",
+        default="file:/var/lib/cprfsm/vm.state",
+        help="migration URI (default file:/var/lib/cprfsm/vm.state)",
+    )
+    chk.add_argument(
+        "--cpr-channel", metavar="URI", help="the cpr channel (cpr-transfer), unix:PATH"
+    )
+    chk.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="DEVICE",
+        help="an attached device: vfio, or a block format such as vdi (repeatable)",
+    )
+    chk.add_argument(
+        "--memory",
+        default="ram",
+        metavar="BACKEND",
+        help="guest RAM backend: ram, ram,share=on, memfd,share=on, file,share=on ...",
+    )
+    chk.add_argument(
+        "--aux-ram-share", action="store_true", help="QEMU runs with -machine aux-ram-share=on"
+    )
+    chk.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="FACT=on|off",
+        help="override a host fact such as replication or uffd-wp (repeatable)",
+    )
     chk.add_argument("--json", action="store_true", help="print one JSON object")
     chk.set_defaults(run=_run_check)
     return parser
@@ -95,7 +142,10 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    host = {name: _on_off(value, name) for name, value in _pairs(args.host, "--host").items()}
+    host = {
+        name: _switch(value, f"--host {name}")
+        for name, value in _pairs(args.host, "--host").items()
+    }
     config = Configuration(
         mode=args.mode,
         capabilities=frozenset(args.cap),
@@ -118,14 +168,6 @@ def _run_check(args: argparse.Namespace) -> int:
     else:
         print(_render(verdict))
     return EXIT_ALLOWED if verdict.allowed else EXIT_REFUSED
-
-
-def _on_off(value: str, name: str) -> bool:
-    if value.lower() in {"on", "true", "yes", "1"}:
-        return True
-    if value.lower() in {"off", "false", "no", "0"}:
-        return False
-    raise UsageError(f"--host {name} takes on or off, not {value!r}")
 
 
 def _render(verdict: Verdict) -> str:

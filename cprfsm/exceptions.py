@@ -9,11 +9,11 @@ conflicts, so callers can catch exactly what they can handle.
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from pathlib import Path
 
     from cprfsm.legality import Verdict
 

@@ -7,7 +7,8 @@ returns a frozen :class:`Verdict`.  It is pure: nothing is started or changed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping  # noqa: TC003 - attrs converters use them
+from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -27,6 +28,10 @@ __all__ = [
 _INCOMING_STATES = ("none", "deferred", "started")
 # QEMU names the RAM region of plain `-m` memory after the machine's RAM id.
 _DEFAULT_RAM_REGION = "pc.ram"
+
+
+def _frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value))
 
 
 @attrs.frozen(kw_only=True)
@@ -76,7 +81,7 @@ class Configuration:
 
     mode: str = "normal"
     capabilities: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
-    parameters: Mapping[str, str] = attrs.field(factory=dict, converter=dict)
+    parameters: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_mapping)
     runstate: str = "running"
     was_suspended: bool = False
     migration: str = "none"
@@ -86,7 +91,7 @@ class Configuration:
     devices: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     memory: MemoryBackend = attrs.field(factory=MemoryBackend)
     aux_ram_share: bool = False
-    host: Mapping[str, bool] = attrs.field(factory=dict, converter=dict)
+    host: Mapping[str, bool] = attrs.field(factory=dict, converter=_frozen_mapping)
 
     @property
     def transport(self) -> str:
@@ -196,7 +201,10 @@ def check(
     facts = _facts(model, config)
     steps = _steps(config, command)
     reasons = tuple(
-        reason for step in steps for rule in model.rules_for(step) if (reason := _match(rule, step, facts))
+        reason
+        for step in steps
+        for rule in model.rules_for(step)
+        if (reason := _match(rule, step, facts))
     )
     return Verdict(qemu=model.version, command=command, steps=steps, reasons=reasons)
 
@@ -254,7 +262,9 @@ def _facts(model: QemuModel, config: Configuration) -> Facts:
     memory = config.memory
     kinds = [k for k in model.memory_backends if k.name == memory.kind]
     if not kinds:
-        raise UnknownNameError("memory backend", memory.kind, {k.name for k in model.memory_backends})
+        raise UnknownNameError(
+            "memory backend", memory.kind, {k.name for k in model.memory_backends}
+        )
     kind = next((k for k in kinds if (k.object is not None) == memory.object), kinds[0])
     if memory.share and not kind.shareable:
         raise UsageError(f"memory backend {memory.spec()!r} cannot be shared; drop share=on")
@@ -282,6 +292,14 @@ def _facts(model: QemuModel, config: Configuration) -> Facts:
         host={**host_defaults, **config.host},
         region=memory.id if kind.object is not None else _DEFAULT_RAM_REGION,
     )
+
+
+def _switch(value: str, what: str) -> bool:
+    if value in {"on", "true", "yes"}:
+        return True
+    if value in {"off", "false", "no"}:
+        return False
+    raise UsageError(f"{what} takes on or off, not {value!r}")
 
 
 def _known(kind: str, names: Iterable[str], valid: Iterable[str], where: str) -> None:

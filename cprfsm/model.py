@@ -227,7 +227,7 @@ def _span(fields: dict[str, Node]) -> _Span:
             try:
                 bounds[key] = _version_key(raw)
             except ValueError:
-                fields[key].fail(f"{key} must be a QEMU release such as \"9.0\", not {raw!r}")
+                fields[key].fail(f'{key} must be a QEMU release such as "9.0", not {raw!r}')
     span = _Span(**bounds)
     if span.since >= span.until:
         fields["until"].fail("until must be a later release than since")
@@ -357,7 +357,9 @@ def _parse_document(root: Node) -> _Document:
             default=f["default"].flag("default"),
             description=f["description"].text("description"),
         )
-        for f in _records(top["host_facts"], "a host fact", frozenset({"name", "default", "description"}))
+        for f in _records(
+            top["host_facts"], "a host fact", frozenset({"name", "default", "description"})
+        )
     )
     vocab = Vocabulary(
         capabilities=frozenset(name for _, name in capabilities),
@@ -415,7 +417,7 @@ def _parse_releases(node: Node) -> tuple[tuple[str, ...], dict[str, str]]:
         try:
             _version_key(version)
         except ValueError:
-            fields["version"].fail(f"a release must look like \"10.0\", not {version!r}")
+            fields["version"].fail(f'a release must look like "10.0", not {version!r}')
         if version in checked:
             fields["version"].fail(f"release {version} is listed twice")
         releases.append(version)
@@ -446,7 +448,9 @@ def _parse_transitions(
             body.fail(f"the runstate table names an unknown runstate {old!r}")
         for target in targets.elements(f"the targets of {old}"):
             if target.is_mapping():
-                fields = target.items("a versioned target", allowed=frozenset({"to", "since", "until"}))
+                fields = target.items(
+                    "a versioned target", allowed=frozenset({"to", "since", "until"})
+                )
                 if "to" not in fields:
                     target.fail("a versioned target needs to:")
                 new, span, where = fields["to"].text("to"), _span(fields), fields["to"]
@@ -455,7 +459,9 @@ def _parse_transitions(
             if new not in runstates:
                 where.fail(f"unknown runstate {new!r} in the targets of {old}")
             if new == old:
-                where.fail(f"{old} -> {old} needs no entry: a change to the same runstate is a no-op")
+                where.fail(
+                    f"{old} -> {old} needs no entry: a change to the same runstate is a no-op"
+                )
             result.append((span, old, new))
     return tuple(result)
 
@@ -528,7 +534,10 @@ def _parse_parameters(node: Node) -> tuple[tuple[_Span, Parameter], ...]:
         if values is not None and default not in values:
             fields["default"].fail(f"the default {default!r} is not among the values")
         result.append(
-            (_span(fields), Parameter(name=fields["name"].text("name"), values=values, default=default))
+            (
+                _span(fields),
+                Parameter(name=fields["name"].text("name"), values=values, default=default),
+            )
         )
     return tuple(result)
 
@@ -584,9 +593,7 @@ def _parse_rules(node: Node, vocab: Vocabulary) -> tuple[tuple[_Span, Rule], ...
         for key in ("error", "hint"):
             for placeholder in _PLACEHOLDER_RE.findall(fields[key].text(key)):
                 if placeholder not in binds | _FREE_PLACEHOLDERS:
-                    fields[key].fail(
-                        f"{{{placeholder}}} is not bound by this rule's condition"
-                    )
+                    fields[key].fail(f"{{{placeholder}}} is not bound by this rule's condition")
         span = _span(fields)
         for other_span, other in result:
             if other.id == rule_id and other_span.overlaps(span):
