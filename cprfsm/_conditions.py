@@ -33,6 +33,7 @@ class Facts:
     parameter_defaults: Mapping[str, str]
     host: Mapping[str, bool]
     region: str
+    blocker: Mapping[str, str] | None
 
 
 @attrs.frozen(kw_only=True)
@@ -69,6 +70,7 @@ _KEYS = frozenset(
         "memory",
         "aux_ram_share",
         "devices",
+        "blocked",
         "parameter",
         "parameter_set",
         "host",
@@ -130,6 +132,13 @@ def _compile_key(  # noqa: C901, PLR0911, PLR0912 - one branch per condition key
     if key == "devices":
         ordered = tuple(_names_ordered(value, "device", vocab.devices))
         return _first_device(ordered), frozenset({"device", "node"})
+    if key == "blocked":
+        want = value.flag("blocked")
+        return (
+            lambda f: (
+                (dict(f.blocker) if f.blocker else {}) if (f.blocker is not None) == want else None
+            )
+        ), frozenset({"blocker", "blocker_hint", "blocker_source"} if want else ())
     if key == "parameter":
         return _parameter_values(value, vocab), frozenset()
     if key == "parameter_set":

@@ -9,6 +9,7 @@ conflicts, so callers can catch exactly what they can handle.
 from __future__ import annotations
 
 import difflib
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,10 +19,20 @@ if TYPE_CHECKING:
     from cprfsm.legality import Verdict
 
 __all__ = [
+    "CorruptStoreError",
     "CprFsmError",
+    "DuplicateEventIdError",
+    "EventDecodeError",
+    "ForeignStoreError",
     "IllegalTransition",
+    "MalformedEventError",
     "ModelError",
+    "NewerEventVersionError",
+    "NewerStoreError",
     "StoreError",
+    "StoreFileError",
+    "StoreNotFoundError",
+    "UnknownEventTypeError",
     "UnknownNameError",
     "UsageError",
     "VersionConflict",
@@ -90,3 +101,70 @@ class VersionConflict(CprFsmError):
 
 class StoreError(CprFsmError):
     """An event store cannot be used: missing, corrupt, foreign or from a newer cprfsm."""
+
+
+class StoreFileError(StoreError):
+    """A store file cannot be opened; the message names the file, the problem and what to do."""
+
+    def __init__(self, path: str | os.PathLike[str], problem: str, remedy: str) -> None:
+        """Record the file and what is wrong with it; the file itself was left untouched."""
+        self.path = os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}; {remedy}")
+
+
+class StoreNotFoundError(StoreFileError):
+    """No store exists at the path and the caller asked not to create one."""
+
+
+class ForeignStoreError(StoreFileError):
+    """The file is not a cprfsm event store: another kind of file or another application's."""
+
+
+class CorruptStoreError(StoreFileError):
+    """The file is a cprfsm event store that is damaged or truncated."""
+
+
+class NewerStoreError(StoreFileError):
+    """The store was written by a newer cprfsm whose schema this version cannot read."""
+
+
+class DuplicateEventIdError(StoreError):
+    """An event id is already stored with other content or elsewhere; nothing was written."""
+
+    def __init__(self, stream: str, event_id: str, problem: str) -> None:
+        """Record the stream appended to, the clashing id and how the stored event differs."""
+        self.stream = stream
+        self.event_id = event_id
+        self.problem = problem
+        super().__init__(
+            f"event id {event_id!r} appended to stream {stream!r} is already stored {problem}: "
+            "reuse an event id only to retry the very same batch, or leave event ids out "
+            "to have fresh ones generated"
+        )
+
+
+class EventDecodeError(StoreError):
+    """A stored event cannot be turned back into an event object."""
+
+    def __init__(self, type_tag: str, schema_version: int, problem: str, remedy: str) -> None:
+        """Record the event's type tag and schema version, what is wrong and what to do."""
+        self.type_tag = type_tag
+        self.schema_version = schema_version
+        self.problem = problem
+        super().__init__(
+            f"cannot decode event {type_tag!r} (schema version {schema_version}): "
+            f"{problem}; {remedy}"
+        )
+
+
+class UnknownEventTypeError(EventDecodeError):
+    """No event class is registered under the stored type tag."""
+
+
+class NewerEventVersionError(EventDecodeError):
+    """The event was stored with a schema version newer than its registered class."""
+
+
+class MalformedEventError(EventDecodeError):
+    """The stored payload is not valid JSON or does not fit the event class's fields."""

@@ -15,7 +15,7 @@ import attrs
 
 from cprfsm._conditions import Facts
 from cprfsm.exceptions import UnknownNameError, UsageError
-from cprfsm.model import COMMANDS, QemuModel, Rule, load_model
+from cprfsm.model import COMMANDS, Device, QemuModel, Rule, load_model
 
 __all__ = [
     "Configuration",
@@ -234,7 +234,7 @@ def _match(rule: Rule, step: str, facts: Facts) -> Reason | None:
         command=step,
         asynchronous=rule.asynchronous,
         error=rule.error.format_map(values),
-        source=rule.source,
+        source=rule.source.format_map(values),
         hint=rule.hint.format_map(values),
     )
 
@@ -246,7 +246,9 @@ def _facts(model: QemuModel, config: Configuration) -> Facts:
     _known("runstate", (config.runstate,), model.runstates, where)
     _known("migration status", (config.migration,), model.migration_statuses, where)
     _known("incoming state", (config.incoming,), _INCOMING_STATES, where)
-    _known("device", config.devices, (d.name for d in model.devices), where)
+    devices = tuple(_device(spec, index) for index, spec in enumerate(config.devices))
+    by_name = {device.name: device for device in model.devices}
+    _known("device", (name for name, _ in devices), by_name, where)
     host_defaults = {fact.name: fact.default for fact in model.host_facts}
     _known("host fact", config.host, host_defaults, where)
     parameters = {p.name: p for p in model.parameters}
@@ -286,12 +288,40 @@ def _facts(model: QemuModel, config: Configuration) -> Facts:
             "share": memory.share,
         },
         aux_ram_share=config.aux_ram_share,
-        devices=tuple((name, f"{name}{index}") for index, name in enumerate(config.devices)),
+        devices=devices,
         parameters=normalized,
         parameter_defaults={p.name: p.default for p in model.parameters},
         host={**host_defaults, **config.host},
         region=memory.id if kind.object is not None else _DEFAULT_RAM_REGION,
+        blocker=_newest_blocker(devices, by_name, mode.name),
     )
+
+
+def _device(spec: str, index: int) -> tuple[str, str]:
+    """Split ``NAME[,node=NODE]``; the node defaults to the name and its position."""
+    name, *options = spec.split(",")
+    node = f"{name}{index}"
+    for option in options:
+        key, sep, value = option.partition("=")
+        if key != "node" or not sep or not value:
+            raise UsageError(f"device {spec!r}: the only option is node=NAME")
+        node = value
+    return name, node
+
+
+def _newest_blocker(
+    devices: tuple[tuple[str, str], ...], by_name: Mapping[str, Device], mode: str
+) -> dict[str, str] | None:
+    """QEMU reports the blocker added last, so the newest attached blocking device wins."""
+    for name, node in reversed(devices):
+        for blocker in by_name[name].blockers:
+            if mode in blocker.modes:
+                return {
+                    "blocker": blocker.error.format(node=node),
+                    "blocker_hint": blocker.hint.format(node=node),
+                    "blocker_source": blocker.source,
+                }
+    return None
 
 
 def _switch(value: str, what: str) -> bool:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COMMANDS",
     "Device",
+    "DeviceBlocker",
     "HostFact",
     "MemoryBackendKind",
     "Mode",
@@ -85,11 +86,22 @@ class Transport:
 
 
 @attrs.frozen(kw_only=True)
+class DeviceBlocker:
+    """A migration blocker a device adds, for the modes it blocks; ``{node}`` names the node."""
+
+    modes: frozenset[str]
+    error: str
+    source: str
+    hint: str
+
+
+@attrs.frozen(kw_only=True)
 class Device:
-    """A device kind that matters for legality."""
+    """A device kind that matters for legality, with the blockers it adds in this release."""
 
     name: str
     description: str
+    blockers: tuple[DeviceBlocker, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -252,7 +264,7 @@ class _Document:
     capabilities: tuple[tuple[_Span, str], ...]
     parameters: tuple[tuple[_Span, Parameter], ...]
     transports: tuple[Transport, ...]
-    devices: tuple[Device, ...]
+    devices: tuple[tuple[Device, tuple[tuple[_Span, DeviceBlocker], ...]], ...]
     memory_backends: tuple[MemoryBackendKind, ...]
     host_facts: tuple[HostFact, ...]
     rules: tuple[tuple[_Span, Rule], ...]
@@ -289,7 +301,10 @@ class _Document:
             capabilities=tuple(str(c) for c in live(self.capabilities)),
             parameters=tuple(p for p in live(self.parameters) if isinstance(p, Parameter)),
             transports=self.transports,
-            devices=self.devices,
+            devices=tuple(
+                attrs.evolve(device, blockers=tuple(b for span, b in blockers if span.covers(key)))
+                for device, blockers in self.devices
+            ),
             memory_backends=self.memory_backends,
             host_facts=self.host_facts,
             rules=tuple(r for r in live(self.rules) if isinstance(r, Rule)),
@@ -340,16 +355,11 @@ def _parse_document(root: Node) -> _Document:
     runstates = _parse_runstates(top["runstates"])
     runstate_names = frozenset(name for name, _ in runstates)
     statuses, running = _parse_statuses(top["migration_statuses"])
-    capabilities = tuple(
-        _versioned_names(top["capabilities"], "capability", releases, expect_keys=frozenset())
-    )
-    modes = _parse_modes(top["modes"])
+    capabilities = tuple(_versioned_names(top["capabilities"], "capability"))
     parameters = _parse_parameters(top["parameters"])
     transports = _parse_transports(top["transports"])
-    devices = tuple(
-        Device(name=f["name"].text("name"), description=f["description"].text("description"))
-        for f in _records(top["devices"], "a device", frozenset({"name", "description"}))
-    )
+    modes = _parse_modes(top["modes"])
+    devices = _parse_devices(top["devices"], frozenset(mode.name for _, mode in modes))
     memory = _parse_memory(top["memory_backends"])
     host_facts = tuple(
         HostFact(
@@ -365,7 +375,7 @@ def _parse_document(root: Node) -> _Document:
         capabilities=frozenset(name for _, name in capabilities),
         modes=frozenset(mode.name for _, mode in modes),
         runstates=runstate_names,
-        devices=frozenset(d.name for d in devices),
+        devices=frozenset(d.name for d, _ in devices),
         parameters={p.name: (frozenset(p.values) if p.values else None) for _, p in parameters},
         host_facts=frozenset(h.name for h in host_facts),
         transports=frozenset(t.name for t in transports),
@@ -484,13 +494,10 @@ def _parse_statuses(node: Node) -> tuple[tuple[tuple[_Span, str], ...], frozense
     return statuses, frozenset(running)
 
 
-def _versioned_names(
-    node: Node, what: str, releases: tuple[str, ...], *, expect_keys: frozenset[str]
-) -> Iterator[tuple[_Span, str]]:
-    del releases
+def _versioned_names(node: Node, what: str) -> Iterator[tuple[_Span, str]]:
     body, _ = _section(node, f"{what} values")
     seen: list[tuple[_Span, str, Node]] = []
-    for fields in _records(body, f"a {what}", frozenset({"name"}) | expect_keys):
+    for fields in _records(body, f"a {what}", frozenset({"name"})):
         name = fields["name"].text("name")
         span = _span(fields)
         for other_span, other, _ in seen:
@@ -517,6 +524,39 @@ def _parse_modes(node: Node) -> tuple[tuple[_Span, Mode], ...]:
         if any(m.name == mode.name and s.overlaps(span) for s, m in result):
             fields["name"].fail(f"mode {mode.name!r} is listed twice for the same releases")
         result.append((span, mode))
+    return tuple(result)
+
+
+def _parse_devices(
+    node: Node, modes: frozenset[str]
+) -> tuple[tuple[Device, tuple[tuple[_Span, DeviceBlocker], ...]], ...]:
+    result = []
+    blocker_keys = frozenset({"modes", "error", "source", "hint"})
+    for fields in _records(node, "a device", frozenset({"name", "description", "blockers"})):
+        blockers = []
+        for blocker in _records(fields["blockers"], "a device blocker", blocker_keys):
+            names = set()
+            for mode, child in blocker["modes"].texts("modes"):
+                if mode not in modes:
+                    child.fail(f"unknown mode {mode!r}; known: {', '.join(sorted(modes))}")
+                names.add(mode)
+            for key in ("error", "hint"):
+                for placeholder in _PLACEHOLDER_RE.findall(blocker[key].text(key)):
+                    if placeholder != "node":
+                        blocker[key].fail(
+                            f"a device blocker can only use {{node}}, not {{{placeholder}}}"
+                        )
+            entry = DeviceBlocker(
+                modes=frozenset(names),
+                error=blocker["error"].text("error"),
+                source=blocker["source"].text("source"),
+                hint=blocker["hint"].text("hint"),
+            )
+            blockers.append((_span(blocker), entry))
+        device = Device(
+            name=fields["name"].text("name"), description=fields["description"].text("description")
+        )
+        result.append((device, tuple(blockers)))
     return tuple(result)
 
 
@@ -590,7 +630,7 @@ def _parse_rules(node: Node, vocab: Vocabulary) -> tuple[tuple[_Span, Rule], ...
                 child.fail(f"unknown command {command!r}; rules can refuse {', '.join(COMMANDS)}")
             commands.append(command)
         when, binds = compile_condition(fields["when"], vocab)
-        for key in ("error", "hint"):
+        for key in ("error", "hint", "source"):
             for placeholder in _PLACEHOLDER_RE.findall(fields[key].text(key)):
                 if placeholder not in binds | _FREE_PLACEHOLDERS:
                     fields[key].fail(f"{{{placeholder}}} is not bound by this rule's condition")
