@@ -80,12 +80,19 @@ _KEYS = frozenset(
 )
 
 
-def compile_condition(node: Node, vocab: Vocabulary) -> tuple[Predicate, frozenset[str]]:
-    """Compile a ``when:`` mapping; return the predicate and the placeholders it binds."""
+def compile_condition(
+    node: Node, vocab: Vocabulary, mentions: set[str]
+) -> tuple[Predicate, frozenset[str]]:
+    """Compile a ``when:`` mapping; return the predicate and the placeholders it binds.
+
+    Every capability the condition names is added to ``mentions``.
+    """
     parts: list[Predicate] = []
     binds: set[str] = set()
     for key, value in node.items("a rule condition", allowed=_KEYS).items():
-        predicate, bound = _compile_key(key, value, vocab)
+        if key in {"capability", "all", "none"}:
+            mentions.update(name for name, _ in value.texts(key))
+        predicate, bound = _compile_key(key, value, vocab, mentions)
         parts.append(predicate)
         binds |= bound
     if not parts:
@@ -94,7 +101,7 @@ def compile_condition(node: Node, vocab: Vocabulary) -> tuple[Predicate, frozens
 
 
 def _compile_key(  # noqa: C901, PLR0911, PLR0912 - one branch per condition keyword
-    key: str, value: Node, vocab: Vocabulary
+    key: str, value: Node, vocab: Vocabulary, mentions: set[str]
 ) -> tuple[Predicate, frozenset[str]]:
     if key == "mode":
         modes = _names(value, "mode", vocab.modes)
@@ -147,8 +154,8 @@ def _compile_key(  # noqa: C901, PLR0911, PLR0912 - one branch per condition key
     if key == "host":
         return _host(value, vocab), frozenset()
     if key == "any":
-        return _any(value, vocab)
-    predicate, _ = compile_condition(value, vocab)
+        return _any(value, vocab, mentions)
+    predicate, _ = compile_condition(value, vocab, mentions)
     return (lambda f: {} if predicate(f) is None else None), frozenset()
 
 
@@ -165,8 +172,8 @@ def _conjunction(parts: list[Predicate]) -> Predicate:
     return predicate
 
 
-def _any(node: Node, vocab: Vocabulary) -> tuple[Predicate, frozenset[str]]:
-    options = [compile_condition(child, vocab) for child in node.elements("any")]
+def _any(node: Node, vocab: Vocabulary, mentions: set[str]) -> tuple[Predicate, frozenset[str]]:
+    options = [compile_condition(child, vocab, mentions) for child in node.elements("any")]
     if not options:
         node.fail("any must list at least one condition")
     # A placeholder is only safe to use if every alternative binds it.

@@ -34,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         result: int = args.run(args)
+    except SystemExit as exc:  # --help and --version end the parse
+        return exc.code if isinstance(exc.code, int) else EXIT_ALLOWED
     except CprFsmError as exc:
         print(f"cprfsm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

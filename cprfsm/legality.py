@@ -34,6 +34,14 @@ def _frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(value))
 
 
+def _name_set(value: Iterable[str]) -> frozenset[str]:
+    return frozenset(value)
+
+
+def _name_tuple(value: Iterable[str]) -> tuple[str, ...]:
+    return tuple(value)
+
+
 @attrs.frozen(kw_only=True)
 class MemoryBackend:
     """Guest RAM: a backend kind (``ram``, ``memfd``, ``file``), its share flag and an id."""
@@ -80,7 +88,7 @@ class Configuration:
     """
 
     mode: str = "normal"
-    capabilities: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    capabilities: frozenset[str] = attrs.field(default=frozenset(), converter=_name_set)
     parameters: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_mapping)
     runstate: str = "running"
     was_suspended: bool = False
@@ -88,7 +96,7 @@ class Configuration:
     incoming: str = "none"
     uri: str = "file:/var/lib/cprfsm/vm.state"
     cpr_channel: str | None = None
-    devices: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    devices: tuple[str, ...] = attrs.field(default=(), converter=_name_tuple)
     memory: MemoryBackend = attrs.field(factory=MemoryBackend)
     aux_ram_share: bool = False
     host: Mapping[str, bool] = attrs.field(factory=dict, converter=_frozen_mapping)

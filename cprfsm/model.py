@@ -125,7 +125,11 @@ class HostFact:
 
 @attrs.frozen(kw_only=True)
 class Rule:
-    """One legality rule: when it applies, which command refuses, and QEMU's words."""
+    """One legality rule: when it applies, which command refuses, and QEMU's words.
+
+    ``capabilities`` are the capabilities its condition names; ``line`` is
+    where the rule starts in its model file.
+    """
 
     id: str
     commands: tuple[str, ...]
@@ -134,6 +138,7 @@ class Rule:
     source: str
     hint: str
     line: int
+    capabilities: frozenset[str]
     when: Predicate = attrs.field(eq=False, repr=False)
 
 
@@ -629,7 +634,8 @@ def _parse_rules(node: Node, vocab: Vocabulary) -> tuple[tuple[_Span, Rule], ...
             if command not in COMMANDS:
                 child.fail(f"unknown command {command!r}; rules can refuse {', '.join(COMMANDS)}")
             commands.append(command)
-        when, binds = compile_condition(fields["when"], vocab)
+        mentions: set[str] = set()
+        when, binds = compile_condition(fields["when"], vocab, mentions)
         for key in ("error", "hint", "source"):
             for placeholder in _PLACEHOLDER_RE.findall(fields[key].text(key)):
                 if placeholder not in binds | _FREE_PLACEHOLDERS:
@@ -648,6 +654,7 @@ def _parse_rules(node: Node, vocab: Vocabulary) -> tuple[tuple[_Span, Rule], ...
             source=fields["source"].text("source"),
             hint=fields["hint"].text("hint"),
             line=element.line,
+            capabilities=frozenset(mentions),
             when=when,
         )
         result.append((span, rule))
