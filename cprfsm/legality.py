@@ -195,19 +195,22 @@ def check(
     *,
     qemu: str | None = None,
     model: QemuModel | None = None,
+    walk: bool = True,
 ) -> Verdict:
     """Decide ``command`` for ``config`` on QEMU ``qemu`` (or an already loaded ``model``).
 
     The walk sends ``migrate-set-parameters`` when a mode or parameter is set
     and ``migrate-set-capabilities`` when capabilities are, then ``command``.
-    Unknown names raise UnknownNameError; nothing else raises.
+    With ``walk=False`` only ``command`` itself is checked, for a VM whose mode
+    and capabilities are already set.  Unknown names raise UnknownNameError;
+    nothing else raises.
     """
     config = config or Configuration()
     model = model or load_model(qemu)
     if command not in COMMANDS:
         raise UnknownNameError("command", command, COMMANDS)
     facts = _facts(model, config)
-    steps = _steps(config, command)
+    steps = _steps(config, command) if walk else (command,)
     reasons = tuple(
         reason
         for step in steps

@@ -261,7 +261,7 @@ class _Document:
     path: str
     releases: tuple[str, ...]
     checked: dict[str, str]
-    runstates: tuple[tuple[str, bool], ...]
+    runstates: tuple[tuple[_Span, str, bool], ...]
     transitions: tuple[tuple[_Span, str, str], ...]
     statuses: tuple[tuple[_Span, str], ...]
     running_statuses: frozenset[str]
@@ -295,8 +295,10 @@ class _Document:
             version=version,
             path=self.path,
             checked=self.checked[version],
-            runstates=tuple(name for name, _ in self.runstates),
-            live_runstates=frozenset(name for name, live in self.runstates if live),
+            runstates=tuple(dict.fromkeys(name for _, name, _ in self.runstates)),
+            live_runstates=frozenset(
+                name for span, name, live in self.runstates if live and span.covers(key)
+            ),
             runstate_transitions=frozenset(
                 (old, new) for span, old, new in self.transitions if span.covers(key)
             ),
@@ -358,7 +360,7 @@ def _parse_document(root: Node) -> _Document:
         )
     releases, checked = _parse_releases(top["releases"])
     runstates = _parse_runstates(top["runstates"])
-    runstate_names = frozenset(name for name, _ in runstates)
+    runstate_names = frozenset(name for _, name, _ in runstates)
     statuses, running = _parse_statuses(top["migration_statuses"])
     capabilities = tuple(_versioned_names(top["capabilities"], "capability"))
     parameters = _parse_parameters(top["parameters"])
@@ -442,14 +444,15 @@ def _parse_releases(node: Node) -> tuple[tuple[str, ...], dict[str, str]]:
     return tuple(sorted(releases, key=_version_key)), checked
 
 
-def _parse_runstates(node: Node) -> tuple[tuple[str, bool], ...]:
+def _parse_runstates(node: Node) -> tuple[tuple[_Span, str, bool], ...]:
     body, _ = _section(node, "runstates")
-    result: list[tuple[str, bool]] = []
+    result: list[tuple[_Span, str, bool]] = []
     for fields in _records(body, "a runstate", frozenset({"name", "live"})):
         name = fields["name"].text("name")
-        if any(name == seen for seen, _ in result):
-            fields["name"].fail(f"runstate {name!r} is listed twice")
-        result.append((name, fields["live"].flag("live")))
+        span = _span(fields)
+        if any(name == seen and span.overlaps(other) for other, seen, _ in result):
+            fields["name"].fail(f"runstate {name!r} is listed twice for the same releases")
+        result.append((span, name, fields["live"].flag("live")))
     return tuple(result)
 
 

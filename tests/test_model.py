@@ -52,6 +52,11 @@ class TestShippedModel:
         assert len(model.runstates) == 16
         assert model.live_runstates == {"running", "suspended"}
 
+    def test_suspended_is_live_from_9_0(self) -> None:
+        """Before 9.0 only running was live: stop left a suspended guest alone."""
+        assert load_model("8.2").live_runstates == {"running"}
+        assert len(load_model("8.2").runstates) == 16
+
     def test_self_change_is_allowed_and_absences_are_respected(self) -> None:
         """A change to the same runstate is a no-op; documented absences stay absent."""
         model = load_model("10.0")
