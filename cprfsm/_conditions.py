@@ -33,7 +33,10 @@ class Facts:
     parameter_defaults: Mapping[str, str]
     host: Mapping[str, bool]
     region: str
+    aux_region: str
     blocker: Mapping[str, str] | None
+    live_runstates: frozenset[str]
+    runstate_table: frozenset[tuple[str, str]]
 
 
 @attrs.frozen(kw_only=True)
@@ -62,6 +65,7 @@ _KEYS = frozenset(
         "none",
         "runstate",
         "runstate_not",
+        "runstate_cannot_become",
         "suspended",
         "migration",
         "incoming",
@@ -121,6 +125,9 @@ def _compile_key(  # noqa: C901, PLR0911, PLR0912 - one branch per condition key
     if key == "runstate_not":
         others = _names(value, "runstate", vocab.runstates)
         return (lambda f: None if f.runstate in others else {}), frozenset()
+    if key == "runstate_cannot_become":
+        target = _choice(value, "runstate", vocab.runstates)
+        return _cannot_become(target), frozenset({"runstate"})
     if key == "suspended":
         want = value.flag("suspended")
         return (lambda f: {} if f.suspended == want else None), frozenset()
@@ -187,6 +194,18 @@ def _any(node: Node, vocab: Vocabulary, mentions: set[str]) -> tuple[Predicate, 
         return None
 
     return predicate, binds
+
+
+def _cannot_become(target: str) -> Predicate:
+    """QEMU's runstate_set(target) on a stopped VM: true where its table forbids the change."""
+
+    def predicate(facts: Facts) -> Bindings | None:
+        old = facts.runstate
+        if old in facts.live_runstates or old == target:
+            return None
+        return None if (old, target) in facts.runstate_table else {"runstate": old}
+
+    return predicate
 
 
 def _first_capability(ordered: tuple[str, ...]) -> Predicate:

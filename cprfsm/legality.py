@@ -26,8 +26,10 @@ __all__ = [
 ]
 
 _INCOMING_STATES = ("none", "deferred", "started")
-# QEMU names the RAM region of plain `-m` memory after the machine's RAM id.
+# RAM region names of the pc machine with SeaBIOS: plain `-m` memory, and the
+# last implicit RAM block QEMU creates (so its CPR blocker is the newest).
 _DEFAULT_RAM_REGION = "pc.ram"
+_LAST_AUX_REGION = "/rom@etc/acpi/rsdp"
 
 
 def _frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -239,7 +241,7 @@ def _match(rule: Rule, step: str, facts: Facts) -> Reason | None:
     bindings = rule.when(facts)
     if bindings is None:
         return None
-    values = {"region": facts.region, **bindings}
+    values = {"region": facts.region, "aux_region": facts.aux_region, **bindings}
     return Reason(
         rule=rule.id,
         command=step,
@@ -304,7 +306,10 @@ def _facts(model: QemuModel, config: Configuration) -> Facts:
         parameter_defaults={p.name: p.default for p in model.parameters},
         host={**host_defaults, **config.host},
         region=memory.id if kind.object is not None else _DEFAULT_RAM_REGION,
+        aux_region=_LAST_AUX_REGION,
         blocker=_newest_blocker(devices, by_name, mode.name),
+        live_runstates=model.live_runstates,
+        runstate_table=model.runstate_transitions,
     )
 
 

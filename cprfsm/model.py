@@ -53,7 +53,7 @@ COMMANDS = (
 SCHEMA_VERSION = 1
 _VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?$")
 _PLACEHOLDER_RE = re.compile(r"\{([a-z_]+)\}")
-_FREE_PLACEHOLDERS = frozenset({"region"})
+_FREE_PLACEHOLDERS = frozenset({"region", "aux_region"})
 
 
 @attrs.frozen(kw_only=True)

@@ -168,10 +168,25 @@ CASES: dict[str, tuple[str, Configuration, Configuration]] = {
         Configuration(runstate="postmigrate", migration="completed"),
         Configuration(runstate="paused", migration="completed"),
     ),
-    "cpr-transfer-memory": (
+    "cpr-transfer-aux-ram": (
         "migrate",
         attrs.evolve(CPR_TRANSFER_OK, aux_ram_share=False),
         CPR_TRANSFER_OK,
+    ),
+    "cpr-transfer-memory": (
+        "migrate",
+        attrs.evolve(CPR_TRANSFER_OK, memory=MemoryBackend.parse("ram")),
+        CPR_TRANSFER_OK,
+    ),
+    "background-snapshot-aborts": (
+        "migrate",
+        caps("background-snapshot", runstate="prelaunch"),
+        caps("background-snapshot", runstate="running"),
+    ),
+    "return-path-on-file": (
+        "migrate",
+        caps("return-path", uri="file:/tmp/state"),
+        caps("return-path", uri="tcp:127.0.0.1:4444"),
     ),
     "migration-blocker": (
         "migrate",
@@ -280,7 +295,9 @@ class TestIssueExamples:
 
     def test_cpr_reboot_conflicts_do_not_exist_in_8_2(self) -> None:
         """The CPR conflict checks arrived in 9.0; 8.2 accepts cpr-reboot with postcopy."""
-        assert check(caps("postcopy-ram", mode="cpr-reboot"), qemu="8.2").allowed
+        plan = caps("postcopy-ram", mode="cpr-reboot", uri="tcp:127.0.0.1:4444")
+        assert check(plan, qemu="8.2").allowed
+        assert check(plan, qemu="9.0").error == "Cannot use postcopy with CPR"
 
     def test_vfio_needs_suspended_guest(self) -> None:
         """VFIO with cpr-reboot fails asynchronously on a running guest, not a suspended one."""
@@ -305,6 +322,23 @@ class TestIssueExamples:
         """A vdi disk blocks a normal migration but not cpr-reboot."""
         assert not check(Configuration(devices=("vdi",)), qemu="10.0").allowed
         assert check(Configuration(mode="cpr-reboot", devices=("vdi",)), qemu="10.0").allowed
+
+    def test_background_snapshot_abort_follows_the_table(self) -> None:
+        """The abort is derived from the runstate table: shutdown -> paused is allowed."""
+        verdict = check(caps("background-snapshot", runstate="io-error"), qemu="10.0")
+        assert verdict.error == "invalid runstate transition: 'io-error' -> 'paused'"
+        assert verdict.asynchronous
+        assert check(caps("background-snapshot", runstate="shutdown"), qemu="10.0").allowed
+        in_8_2 = check(caps("background-snapshot", runstate="suspended"), qemu="8.2")
+        assert in_8_2.error == "invalid runstate transition: 'suspended' -> 'paused'"
+
+    def test_waiting_migrations_do_not_notice_the_return_path(self) -> None:
+        """Waiting in pre-switchover or for a normal switchover-ack masks the return-path error."""
+        base = {"uri": "file:/tmp/state"}
+        assert check(caps("return-path", "pause-before-switchover", **base)).allowed
+        assert check(caps("return-path", "switchover-ack", **base)).allowed
+        cpr = caps("return-path", "switchover-ack", mode="cpr-reboot", **base)
+        assert check(cpr).error == "Unable to read from file: Bad file descriptor"
 
     def test_newest_blocker_is_reported(self) -> None:
         """With two blocking devices QEMU reports the one attached last."""
