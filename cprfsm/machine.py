@@ -1,0 +1,658 @@
+"""The live lifecycle controller of one VM: decide, record the intent, act, record the outcome.
+
+Every command is decided by the legality engine first.  A refusal raises
+:class:`~cprfsm.IllegalTransition` and changes nothing: no event, no port call.
+An accepted command appends QEMU's facts to the event store, performs device
+and memory operations through the ports in QEMU's order (the intent recorded
+before, the outcome after), and moves the live runstate through QEMU's table.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec
+
+import structlog
+
+from cprfsm import vm_events as ev
+from cprfsm._engine import LiveRunstate
+from cprfsm.exceptions import CprFsmError, IllegalTransition, UnknownNameError, UsageError
+from cprfsm.legality import Configuration, MemoryBackend, Reason, Verdict, check
+from cprfsm.lifecycle import VmState, fold, initial_state
+from cprfsm.model import load_model
+from cprfsm.ports import PortError, Ports, StreamHeader, StreamWriter, VmDefinition
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from cprfsm.events import Event
+    from cprfsm.store import EventStore
+
+__all__ = ["CommandFailed", "QemuAbortPredicted", "VirtualMachine"]
+
+# Capabilities whose value QEMU writes into the stream and checks on load.
+_VALIDATED = frozenset({"x-ignore-shared", "mapped-ram"})
+_STARTS_AGAIN = frozenset({"running", "inmigrate", "finish-migrate"})
+
+
+class CommandFailed(CprFsmError):
+    """QEMU accepted the command, then it failed with ``error``; ``events`` say what happened."""
+
+    def __init__(self, command: str, error: str, events: tuple[Event, ...]) -> None:
+        """Carry the command, QEMU's text and the events recorded on the way."""
+        self.command = command
+        self.error = error
+        self.events = events
+        super().__init__(f"{command} failed: {error}")
+
+
+class QemuAbortPredicted(CprFsmError):
+    """QEMU's own logic asked for a runstate change its table forbids: QEMU aborts there."""
+
+    def __init__(self, old: str, new: str, events: tuple[Event, ...]) -> None:
+        """Carry the forbidden change and the events recorded up to the abort."""
+        self.old = old
+        self.new = new
+        self.events = events
+        super().__init__(
+            f"invalid runstate transition: '{old}' -> '{new}': "
+            "QEMU aborts here, the process is gone"
+        )
+
+
+_P = ParamSpec("_P")
+
+
+def _command(
+    method: Callable[Concatenate[VirtualMachine, _P], None],
+) -> Callable[Concatenate[VirtualMachine, _P], tuple[Event, ...]]:
+    """Make a command return the events it recorded, in order (empty when nothing changed)."""
+
+    @functools.wraps(method)
+    def run(self: VirtualMachine, /, *args: _P.args, **kwargs: _P.kwargs) -> tuple[Event, ...]:
+        self._batch = []
+        method(self, *args, **kwargs)
+        return tuple(self._batch)
+
+    return run
+
+
+class VirtualMachine:
+    """One VM's lifecycle controller over an event store and four ports.
+
+    Every command returns the events it recorded (empty when nothing changed).
+    """
+
+    def __init__(
+        self,
+        vm: str,
+        *,
+        store: EventStore,
+        ports: Ports,
+        definition: VmDefinition | None = None,
+        qemu: str | None = None,
+    ) -> None:
+        """Load the VM's log from ``store`` (``qemu`` is the release installed if it is new)."""
+        self._vm = vm
+        self._store = store
+        self._ports = ports
+        self._definition = definition or VmDefinition()
+        state = initial_state(vm, qemu)
+        for recorded in store.read(vm):
+            state = fold(state, recorded.event)
+        self._state = state
+        self._model = load_model(state.qemu_version)
+        self._runstate = LiveRunstate(self._model, state.runstate)
+        self._writer: StreamWriter | None = None
+        self._batch: list[Event] = []
+        # Not bound once here: a bound logger would freeze the logging configuration
+        # in force now, and callers (and capture_logs) may configure structlog later.
+        self._log = structlog.get_logger("cprfsm")
+
+    @property
+    def state(self) -> VmState:
+        """The faithful state after every recorded event."""
+        return self._state
+
+    @property
+    def runstate(self) -> str | None:
+        """The live runstate as the transitions machine holds it (None without QEMU)."""
+        return self._runstate.runstate
+
+    def can(self, command: str, **arguments: Any) -> Verdict:
+        """Would QEMU accept ``command`` now?  The verdict, without acting."""
+        return check(self._config(**arguments), command, model=self._model, walk=False)
+
+    # --- process and host -------------------------------------------------------------
+
+    @_command
+    def start(self, *, paused: bool = False, incoming: bool = False) -> None:
+        """Start QEMU (``-S`` with ``paused``, ``-incoming defer`` with ``incoming``)."""
+        self._require_no_qemu("start")
+        self._ports.host.start_qemu(self._definition)
+        runstate = "inmigrate" if incoming else "prelaunch" if paused else "running"
+        self._record(
+            "start",
+            ev.QemuStarted(
+                incarnation=self._state.incarnation + 1,
+                qemu_version=self._state.qemu_version,
+                host_boot=self._state.host_boot,
+                paused=paused,
+                incoming=incoming,
+                runstate=runstate,
+                memory=self._definition.memory,
+                devices=self._definition.devices,
+                aux_ram_share=self._definition.aux_ram_share,
+            ),
+        )
+
+    @_command
+    def quit(self) -> None:
+        """Quit QEMU (QMP ``quit``)."""
+        self._require_qemu("quit")
+        self._exit("quit", "quit")
+
+    @_command
+    def reboot_host(self) -> None:
+        """Reboot the host; a running QEMU dies with it, volatile storage is wiped."""
+        if self._state.qemu_running:
+            self._exit("reboot_host", "host-reboot")
+        lost = self._ports.host.reboot()
+        self._record(
+            "reboot_host", ev.HostRebooted(host_boot=self._state.host_boot + 1, lost=lost)
+        )
+
+    @_command
+    def upgrade_qemu(self, version: str) -> None:
+        """Install another QEMU release between quit and the next start."""
+        self._require_no_qemu("upgrade_qemu")
+        target = load_model(version).version
+        if target == self._state.qemu_version:
+            return
+        self._record("upgrade_qemu", ev.QemuUpgraded(qemu_version=target))
+
+    # --- runstate commands ---------------------------------------------------------------
+
+    @_command
+    def cont(self) -> None:
+        """QMP ``cont``: resume (into suspended if the guest was suspended when stopped)."""
+        self._decide("cont")
+        state = self._state
+        if state.runstate == "inmigrate":
+            self._autostart(value=True)
+            return
+        if state.runstate in {"running", "suspended"}:
+            return
+        live_suspend = "suspended" in self._model.live_runstates
+        target = "suspended" if state.was_suspended and live_suspend else "running"
+        self._record("cont", ev.VmResumed(runstate=target))
+
+    @_command
+    def stop(self) -> None:
+        """QMP ``stop``: pause a live VM (a no-op on a stopped one)."""
+        self._decide("stop")
+        state = self._state
+        if state.runstate == "inmigrate":
+            self._autostart(value=False)
+            return
+        if state.runstate not in self._model.live_runstates:
+            return
+        flag = state.runstate == "suspended"
+        self._record("stop", ev.VmStopped(runstate="paused", was_suspended=flag))
+
+    @_command
+    def debug_stop(self) -> None:
+        """The gdbstub stops a live VM in runstate ``debug``."""
+        self._require_qemu("debug_stop")
+        state = self._state
+        if state.runstate not in self._model.live_runstates:
+            return
+        flag = state.runstate == "suspended"
+        self._record("debug_stop", ev.VmStopped(runstate="debug", was_suspended=flag))
+
+    @_command
+    def guest_suspend(self) -> None:
+        """The guest enters ACPI S3 (what guest-suspend-ram asks it to do)."""
+        self._require_qemu("guest_suspend")
+        if self._state.runstate == "suspended":
+            return
+        if self._state.runstate != "running":
+            self._refuse(
+                "guest_suspend",
+                rule="guest-not-running",
+                error=f"the guest cannot suspend itself in runstate {self._state.runstate}",
+                hint="cont the VM first; only a running guest can enter S3",
+            )
+        self._record("guest_suspend", ev.GuestSuspended())
+
+    @_command
+    def system_wakeup(self) -> None:
+        """QMP ``system_wakeup``: wake a suspended guest."""
+        self._decide("system_wakeup")
+        self._record("system_wakeup", ev.GuestWokeUp())
+
+    @_command
+    def guest_reset(self) -> None:
+        """The guest (or system_reset) resets; a stopped VM lands in prelaunch."""
+        self._require_qemu("guest_reset")
+        runstate = self._state.runstate
+        target = runstate if runstate in _STARTS_AGAIN else "prelaunch"
+        self._record("guest_reset", ev.GuestReset(runstate=target or "prelaunch"))
+
+    @_command
+    def guest_shutdown(self) -> None:
+        """The guest powers off; QEMU exits (the default shutdown action)."""
+        self._require_qemu("guest_shutdown")
+        self._exit("guest_shutdown", "guest-shutdown")
+
+    # --- migration set-up --------------------------------------------------------------
+
+    @_command
+    def set_parameters(
+        self, *, mode: str | None = None, parameters: Mapping[str, str] | None = None
+    ) -> None:
+        """QMP ``migrate-set-parameters``: the mode and other parameters."""
+        state = self._state
+        merged = dict(state.parameters) | dict(parameters or {})
+        new_mode = mode or state.mode
+        self._decide("migrate-set-parameters", mode=new_mode, parameters=merged)
+        pairs = tuple(sorted(merged.items()))
+        if (new_mode, pairs) == (state.mode, state.parameters):
+            return
+        self._record("migrate-set-parameters", ev.ParametersSet(mode=new_mode, parameters=pairs))
+
+    @_command
+    def set_capabilities(self, changes: Mapping[str, bool]) -> None:
+        """QMP ``migrate-set-capabilities``: turn capabilities on or off (checked as a whole)."""
+        on = {name for name, value in changes.items() if value}
+        off = {name for name, value in changes.items() if not value}
+        result = (self._state.capabilities | on) - off
+        unknown = sorted((on | off) - set(self._model.capabilities))
+        if unknown:
+            context = f"QEMU {self._model.version}"
+            raise UnknownNameError(
+                "capability", unknown[0], self._model.capabilities, context=context
+            )
+        self._decide("migrate-set-capabilities", capabilities=result)
+        if result == self._state.capabilities:
+            return
+        self._record("migrate-set-capabilities", ev.CapabilitiesSet(capabilities=result))
+
+    # --- outgoing migration ----------------------------------------------------------------
+
+    @_command
+    def migrate(self, uri: str) -> None:
+        """QMP ``migrate`` to ``uri``: save the VM in this mode, in QEMU's order."""
+        verdict = self._decide("migrate", uri=uri)
+        state = self._state
+        if state.mode == "cpr-transfer":
+            msg = "the lifecycle machine models migrations to a URI; cpr-transfer is not yet"
+            raise UsageError(msg)
+        self._record(
+            "migrate",
+            ev.MigrationStarted(
+                uri=uri,
+                mode=state.mode,
+                capabilities=state.capabilities,
+                runstate=state.runstate or "",
+                was_suspended=state.was_suspended,
+            ),
+        )
+        if verdict.first is not None:  # only an asynchronous failure gets here
+            self._status("migrate", "outgoing", "failed", verdict.first.error)
+            return
+        if state.runstate == "suspended" and "suspended" not in self._model.live_runstates:
+            self._record("migrate", ev.GuestWokeUp())  # 8.2 woke the guest first
+        header = StreamHeader(
+            qemu_version=state.qemu_version,
+            mode=state.mode,
+            validated=state.capabilities & _VALIDATED,
+            runstate=self._state.runstate or "",
+            was_suspended=self._state.was_suspended or self._state.runstate == "suspended",
+        )
+        try:
+            writer = self._operate(
+                "migrate", "channel.open", uri, lambda: self._ports.channel.open_write(uri, header)
+            )
+        except PortError as exc:
+            self._status("migrate", "outgoing", "failed", exc.error)
+            raise CommandFailed("migrate", exc.error, tuple(self._batch)) from None
+        stops_at_connect = self._model.mode(state.mode).stops_vm == "at-connect"
+        try:
+            if stops_at_connect:
+                self._stop_for_migration()
+            self._status("migrate", "outgoing", "active")
+            skip = self._skipped_blocks()
+            ram = self._operate(
+                "migrate", "ram.save", uri, lambda: self._ports.memory.save(writer, skip)
+            )
+            self._record(
+                "migrate",
+                ev.RamSaved(
+                    bytes_written=ram.bytes,
+                    written=ram.blocks,
+                    skipped=tuple(sorted(skip)),
+                    digest=ram.digest,
+                ),
+            )
+            if not stops_at_connect:
+                self._stop_for_migration()
+            if "pause-before-switchover" in state.capabilities:
+                self._writer = writer
+                self._status("migrate", "outgoing", "pre-switchover")
+                return
+            self._switch_over(writer)
+        except PortError as exc:
+            writer.abort()
+            self._compensate("migrate", "failed", exc.error)
+
+    @_command
+    def migrate_continue(self) -> None:
+        """QMP ``migrate-continue``: leave pre-switchover and complete the migration."""
+        self._require_qemu("migrate-continue")
+        status = self._state.outgoing_status
+        if status != "pre-switchover" or self._writer is None:
+            self._refuse(
+                "migrate-continue",
+                rule="continue-needs-pre-switchover",
+                error=f"Migration not in expected state: {status}",
+                hint="migrate-continue only applies to a migration paused in pre-switchover",
+                source="migration/migration.c:qmp_migrate_continue",
+            )
+        writer, self._writer = self._writer, None
+        try:
+            self._switch_over(writer)
+        except PortError as exc:
+            writer.abort()
+            self._compensate("migrate-continue", "failed", exc.error)
+
+    @_command
+    def migrate_cancel(self) -> None:
+        """QMP ``migrate_cancel``: cancel a migration in progress (a no-op otherwise)."""
+        self._require_qemu("migrate_cancel")
+        if self._state.outgoing_status not in self._model.running_statuses:
+            return
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._status("migrate_cancel", "outgoing", "cancelling")
+        self._compensate("migrate_cancel", "cancelled", "")
+
+    # --- incoming migration --------------------------------------------------------------
+
+    @_command
+    def migrate_incoming(self, uri: str) -> None:
+        """QMP ``migrate-incoming``: load the VM from ``uri`` into this waiting QEMU."""
+        self._decide("migrate-incoming", uri=uri)
+        self._record("migrate-incoming", ev.IncomingStarted(uri=uri))
+        try:
+            reader = self._operate(
+                "migrate-incoming", "channel.open", uri, lambda: self._ports.channel.open_read(uri)
+            )
+        except PortError as exc:  # QEMU leaves the incoming side stuck in setup
+            raise CommandFailed("migrate-incoming", exc.error, tuple(self._batch)) from None
+        self._status("migrate-incoming", "incoming", "active")
+        header = reader.header
+        local = self._state.capabilities & _VALIDATED
+        for name in sorted(_VALIDATED):
+            if (name in local) != (name in header.validated):
+                mine, theirs = _on(name in local), _on(name in header.validated)
+                self._fail_incoming(
+                    f"Capability {name} is {mine}, but received capability is {theirs}"
+                )
+                return
+        try:
+            skip = self._skipped_blocks()
+            ram = self._operate(
+                "migrate-incoming", "ram.load", uri, lambda: self._ports.memory.load(reader, skip)
+            )
+            self._record(
+                "migrate-incoming",
+                ev.RamLoaded(
+                    bytes_read=ram.bytes,
+                    loaded=ram.blocks,
+                    kept=tuple(sorted(skip)),
+                    digest=ram.digest,
+                ),
+            )
+            devices = self._operate(
+                "migrate-incoming", "devices.load", uri, lambda: self._ports.devices.load(reader)
+            )
+            self._record(
+                "migrate-incoming",
+                ev.DeviceStateLoaded(bytes_read=devices.bytes, digest=devices.digest),
+            )
+        except PortError as exc:
+            self._fail_incoming(exc.error)
+            return
+        self._incoming_runstate(header)
+        self._status("migrate-incoming", "incoming", "completed")
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _config(self, **overrides: Any) -> Configuration:
+        state = self._state
+        fields: dict[str, Any] = {
+            "mode": state.mode,
+            "capabilities": state.capabilities,
+            "parameters": dict(state.parameters),
+            "runstate": state.runstate or "prelaunch",
+            "was_suspended": state.was_suspended,
+            "migration": state.outgoing_status,
+            "incoming": state.incoming,
+            "devices": state.devices or self._definition.devices,
+            "memory": MemoryBackend.parse(
+                state.memory if state.qemu_running else self._definition.memory
+            ),
+            "aux_ram_share": state.aux_ram_share,
+        }
+        fields.update(overrides)
+        return Configuration(**fields)
+
+    def _decide(self, command: str, **overrides: Any) -> Verdict:
+        self._require_qemu(command)
+        verdict = check(self._config(**overrides), command, model=self._model, walk=False)
+        if verdict.first is not None and not verdict.first.asynchronous:
+            self._log.info(
+                "transition.refused",
+                vm=self._vm,
+                command=command,
+                runstate=self._state.runstate,
+                reasons=[reason.rule for reason in verdict.reasons],
+                error=verdict.error,
+            )
+            raise IllegalTransition(verdict)
+        return verdict
+
+    def _refuse(
+        self, command: str, *, rule: str, error: str, hint: str, source: str = "cprfsm"
+    ) -> NoReturn:
+        reason = Reason(
+            rule=rule, command=command, asynchronous=False, error=error, source=source, hint=hint
+        )
+        verdict = Verdict(
+            qemu=self._model.version, command=command, steps=(command,), reasons=(reason,)
+        )
+        self._log.info(
+            "transition.refused", vm=self._vm, command=command, reasons=[rule], error=error
+        )
+        raise IllegalTransition(verdict)
+
+    def _require_qemu(self, command: str) -> None:
+        if not self._state.qemu_running:
+            self._refuse(
+                command,
+                rule="qemu-not-running",
+                error="QEMU is not running",
+                hint="start QEMU first",
+            )
+
+    def _require_no_qemu(self, command: str) -> None:
+        if self._state.qemu_running:
+            self._refuse(
+                command,
+                rule="qemu-running",
+                error=f"QEMU {self._state.qemu_version} is running "
+                f"(incarnation {self._state.incarnation})",
+                hint="quit QEMU first",
+            )
+
+    def _record(self, command: str, *events: Event) -> None:
+        """Append events atomically after the current version, then apply them live."""
+        before = self._state
+        self._store.append(self._vm, events, expected_version=before.version)
+        for event in events:
+            self._apply(event)
+        self._batch.extend(events)
+        self._log.debug(
+            "transition.applied",
+            vm=self._vm,
+            incarnation=self._state.incarnation,
+            stream_version=self._state.version,
+            command=command,
+            from_state=before.runstate,
+            to_state=self._state.runstate,
+            events=[type(event).type_tag for event in events],
+        )
+
+    def _apply(self, event: Event) -> None:
+        old = self._state
+        new = fold(old, event)
+        if isinstance(event, ev.QemuStarted):
+            if new.qemu_version != self._model.version:
+                self._model = load_model(new.qemu_version)
+            self._runstate.detach()
+            self._runstate = LiveRunstate(self._model, None)
+            self._runstate.start(event.runstate)
+        elif isinstance(event, ev.QemuUpgraded):
+            self._model = load_model(event.qemu_version)
+        elif new.runstate is None:
+            self._runstate.exit()
+        elif new.runstate != old.runstate:
+            self._runstate.change(new.runstate)
+        self._state = new
+
+    def _exit(self, command: str, reason: str, detail: str = "") -> None:
+        self._ports.host.stop_qemu()
+        self._writer = None
+        event = ev.QemuExited(incarnation=self._state.incarnation, reason=reason, detail=detail)
+        self._record(command, event)
+
+    def _autostart(self, *, value: bool) -> None:
+        if self._state.autostart == value:
+            return
+        self._record("cont" if value else "stop", ev.AutostartChanged(autostart=value))
+
+    def _operate(
+        self, command: str, operation: str, target: str, action: Callable[[], Any]
+    ) -> Any:
+        """Record the intent, run the operation; on PortError record the failure, re-raise."""
+        self._record(command, ev.OperationStarted(operation=operation, target=target))
+        try:
+            return action()
+        except PortError as exc:
+            self._record(command, ev.OperationFailed(operation=operation, error=exc.error))
+            raise
+
+    def _status(self, command: str, side: str, status: str, error: str = "") -> None:
+        self._record(command, ev.MigrationStatusReported(side=side, status=status, error=error))
+
+    def _stop_for_migration(self) -> None:
+        """QEMU's vm_stop_force_state(finish-migrate): STOP if live, else a silent change."""
+        state = self._state
+        if state.runstate in self._model.live_runstates:
+            flag = state.runstate == "suspended"
+            self._record("migrate", ev.VmStopped(runstate="finish-migrate", was_suspended=flag))
+        else:
+            self._record(
+                "migrate",
+                ev.RunstateSet(runstate="finish-migrate", was_suspended=state.was_suspended),
+            )
+
+    def _skipped_blocks(self) -> frozenset[str]:
+        """The RAM blocks QEMU does not transfer: shared named files under x-ignore-shared."""
+        if "x-ignore-shared" not in self._state.capabilities:
+            return frozenset()
+        return frozenset(
+            block.name
+            for block in self._ports.memory.blocks()
+            if block.shared and block.named_file
+        )
+
+    def _switch_over(self, writer: StreamWriter) -> None:
+        state = self._state
+        uri = state.migration.uri if state.migration else ""
+        self._status("migrate", "outgoing", "device")
+        devices = self._operate(
+            "migrate", "devices.save", uri, lambda: self._ports.devices.save(writer)
+        )
+        self._record(
+            "migrate", ev.DeviceStateSaved(bytes_written=devices.bytes, digest=devices.digest)
+        )
+        stream = self._operate("migrate", "channel.commit", uri, writer.commit)
+        plan = state.migration
+        assert plan is not None  # a switch-over always belongs to a started migration
+        self._record(
+            "migrate",
+            ev.StateFileWritten(
+                uri=uri,
+                bytes_written=stream.bytes,
+                runstate=plan.runstate,
+                was_suspended=plan.was_suspended or plan.runstate == "suspended",
+                mode=plan.mode,
+                validated=plan.capabilities & _VALIDATED,
+                qemu_version=state.qemu_version,
+                digest=stream.digest,
+            ),
+        )
+        self._status("migrate", "outgoing", "completed")
+        self._record(
+            "migrate",
+            ev.RunstateSet(runstate="postmigrate", was_suspended=self._state.was_suspended),
+        )
+
+    def _compensate(self, command: str, status: str, error: str) -> None:
+        """Put the VM back as QEMU does after a failed or cancelled migration."""
+        self._status(command, "outgoing", status, error)
+        state = self._state
+        plan = state.migration
+        if plan is None or state.runstate != "finish-migrate":
+            return
+        if plan.runstate in self._model.live_runstates:
+            live_suspend = "suspended" in self._model.live_runstates
+            target = "suspended" if state.was_suspended and live_suspend else "running"
+            self._record(command, ev.VmResumed(runstate=target))
+        elif self._model.may_change_runstate("finish-migrate", plan.runstate):
+            self._record(
+                command, ev.RunstateSet(runstate=plan.runstate, was_suspended=state.was_suspended)
+            )
+        else:
+            detail = f"invalid runstate transition: 'finish-migrate' -> '{plan.runstate}'"
+            self._exit(command, "abort", detail)
+            raise QemuAbortPredicted("finish-migrate", plan.runstate, tuple(self._batch))
+
+    def _fail_incoming(self, error: str) -> None:
+        """A failed load: status failed, then QEMU exits (exit-on-error is on by default)."""
+        self._status("migrate-incoming", "incoming", "failed", error)
+        self._exit("migrate-incoming", "incoming-failed", error)
+
+    def _incoming_runstate(self, header: StreamHeader) -> None:
+        """Where the destination ends: from the source's runstate, autostart and the flag."""
+        flag = header.was_suspended or header.runstate == "suspended"
+        live = self._model.live_runstates
+        if header.runstate in live or header.runstate == "suspended":
+            if self._state.autostart:
+                target = "suspended" if flag and "suspended" in live else "running"
+                self._record("migrate-incoming", ev.VmResumed(runstate=target))
+            else:
+                self._record(
+                    "migrate-incoming", ev.RunstateSet(runstate="paused", was_suspended=flag)
+                )
+        else:
+            self._record(
+                "migrate-incoming", ev.RunstateSet(runstate=header.runstate, was_suspended=flag)
+            )
+
+
+def _on(value: bool) -> str:  # noqa: FBT001 - QEMU's on/off spelling
+    return "on" if value else "off"

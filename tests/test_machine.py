@@ -1,0 +1,457 @@
+"""The lifecycle machine: QEMU's order of operations, refusals, compensation and replay."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+from structlog.testing import capture_logs
+
+from cprfsm import IllegalTransition
+from cprfsm import vm_events as ev
+from cprfsm.lifecycle import replay
+from cprfsm.machine import CommandFailed, QemuAbortPredicted, VirtualMachine
+from cprfsm.ports import RecordingPorts, VmDefinition
+from cprfsm.store import InMemoryStore, SQLiteStore
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+    from cprfsm.events import Event
+    from cprfsm.store import EventStore
+
+PMEM = "file,share=on,path=/mnt/pmem/guest-ram"
+STATE_URI = "file:/var/lib/cprfsm/vm.state"
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[EventStore]:
+    """Each test runs on the in-memory store and on SQLite."""
+    with (
+        InMemoryStore() if request.param == "memory" else SQLiteStore(tmp_path / "log.sqlite") as s
+    ):
+        yield s
+
+
+def machine(
+    store: EventStore, *, memory: str = "ram", devices: tuple[str, ...] = (), qemu: str = "10.0"
+) -> tuple[VirtualMachine, RecordingPorts]:
+    """A VM with recording ports."""
+    ports = RecordingPorts()
+    definition = VmDefinition(memory=memory, devices=devices)
+    return VirtualMachine(
+        "vm", store=store, ports=ports.ports(), definition=definition, qemu=qemu
+    ), ports
+
+
+def tags(events: tuple[Event, ...]) -> list[str]:
+    """Events as readable tags, with the status or runstate they carry."""
+    out = []
+    for event in events:
+        detail = None
+        if isinstance(event, ev.MigrationStatusReported):
+            detail = event.status
+        elif isinstance(event, (ev.VmStopped, ev.VmResumed, ev.RunstateSet, ev.GuestReset)):
+            detail = event.runstate
+        out.append(f"{type(event).type_tag}:{detail}" if detail else type(event).type_tag)
+    return out
+
+
+def replayed(store: EventStore) -> object:
+    """The state rebuilt from the store alone."""
+    return replay("vm", (r.event for r in store.read("vm")), qemu="10.0")
+
+
+class TestCprRebootCycle:
+    """The full cycle of the issue: suspend, save, quit, reboot, restore, wake."""
+
+    def test_suspended_guest_with_vfio_survives_a_host_reboot(self, store: EventStore) -> None:
+        """Every phase is QEMU's, the RAM comes back, and replay reproduces the live state."""
+        vm, ports = machine(store, memory=PMEM, devices=("vfio",))
+        phases = [vm.start() and vm.state.phase]
+        ports.write_guest(b"guest-data")
+        vm.guest_suspend()
+        phases.append(vm.state.phase)
+        vm.set_parameters(mode="cpr-reboot")
+        vm.set_capabilities({"x-ignore-shared": True})
+        saved = vm.migrate(STATE_URI)
+        assert tags(saved) == [
+            "migration.started",
+            "operation.started",
+            "vm.stopped:finish-migrate",
+            "migration.status:active",
+            "operation.started",
+            "ram.saved",
+            "migration.status:device",
+            "operation.started",
+            "device-state.saved",
+            "operation.started",
+            "state-file.written",
+            "migration.status:completed",
+            "vm.runstate-set:postmigrate",
+        ]
+        ram = next(e for e in saved if isinstance(e, ev.RamSaved))
+        assert ram.skipped == ("ram0",)
+        assert ram.bytes_written == 0
+        phases.append(vm.state.phase)
+        vm.quit()
+        phases.append(vm.state.phase)
+        vm.reboot_host()
+        phases.append(vm.state.phase)
+        vm.start(incoming=True)
+        phases.append(vm.state.phase)
+        vm.set_parameters(mode="cpr-reboot")
+        vm.set_capabilities({"x-ignore-shared": True})
+        loaded = vm.migrate_incoming(STATE_URI)
+        assert tags(loaded)[-2:] == ["vm.resumed:suspended", "migration.status:completed"]
+        phases.append(vm.state.phase)
+        vm.system_wakeup()
+        phases.append(vm.state.phase)
+        assert phases == [
+            "running",
+            "suspended",
+            "saved",
+            "saved",
+            "saved",
+            "incoming",
+            "suspended",
+            "running",
+        ]
+        assert ports.ram == {"ram0": b"guest-data"}
+        assert vm.runstate == "running"
+        assert replayed(store) == vm.state
+
+    def test_running_guest_with_vfio_fails_asynchronously(self, store: EventStore) -> None:
+        """migrate is accepted, the migration fails with QEMU's text, the VM keeps running."""
+        vm, ports = machine(store, devices=("vfio",))
+        vm.start()
+        vm.set_parameters(mode="cpr-reboot")
+        calls = len(ports.calls)
+        events = vm.migrate(STATE_URI)
+        assert tags(events) == ["migration.started", "migration.status:failed"]
+        assert events[-1].error == "VFIO device only supports cpr-reboot for runstate suspended"  # type: ignore[attr-defined]
+        assert vm.state.runstate == "running"
+        assert vm.state.outgoing_status == "failed"
+        assert len(ports.calls) == calls
+        assert replayed(store) == vm.state
+
+    def test_ram_is_written_without_x_ignore_shared(self, store: EventStore) -> None:
+        """Without x-ignore-shared the shared file's RAM goes into the stream."""
+        vm, ports = machine(store, memory=PMEM)
+        vm.start()
+        ports.write_guest(b"abc")
+        vm.set_parameters(mode="cpr-reboot")
+        saved = vm.migrate(STATE_URI)
+        ram = next(e for e in saved if isinstance(e, ev.RamSaved))
+        assert (ram.written, ram.skipped, ram.bytes_written) == (("ram0",), (), 3)
+
+
+class TestRefusals:
+    """A refused command changes nothing, records nothing and calls no port."""
+
+    @pytest.mark.parametrize("cap", ["postcopy-ram", "x-colo", "background-snapshot"])
+    def test_cpr_conflict(self, store: EventStore, cap: str) -> None:
+        """cpr-reboot with a conflicting capability is refused at migrate."""
+        vm, ports = machine(store)
+        vm.start()
+        vm.set_parameters(mode="cpr-reboot")
+        vm.set_capabilities({cap: True})
+        before, calls = vm.state, list(ports.calls)
+        with pytest.raises(IllegalTransition) as caught:
+            vm.migrate(STATE_URI)
+        assert caught.value.verdict.failed_at == "migrate"
+        assert vm.state == before
+        assert store.version("vm") == before.version
+        assert ports.calls == calls
+
+    def test_capability_conflict_at_set_capabilities(self, store: EventStore) -> None:
+        """migrate-set-capabilities refuses an incompatible set as a whole."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.set_capabilities({"postcopy-ram": True})
+        with pytest.raises(
+            IllegalTransition, match="Postcopy is not compatible with ignore-shared"
+        ):
+            vm.set_capabilities({"x-ignore-shared": True})
+        assert vm.state.capabilities == {"postcopy-ram"}
+
+    def test_commands_need_a_qemu(self, store: EventStore) -> None:
+        """Without a QEMU process the QMP commands are refused."""
+        vm, _ = machine(store)
+        with pytest.raises(IllegalTransition, match="QEMU is not running"):
+            vm.cont()
+        assert store.version("vm") == 0
+
+    def test_wakeup_needs_suspended(self, store: EventStore) -> None:
+        """A paused guest that was suspended cannot be woken until cont."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.guest_suspend()
+        vm.stop()
+        assert (vm.state.runstate, vm.state.was_suspended) == ("paused", True)
+        with pytest.raises(IllegalTransition, match="Unable to wake up"):
+            vm.system_wakeup()
+        vm.cont()
+        assert vm.state.runstate == "suspended"
+        vm.system_wakeup()
+        assert vm.state.runstate == "running"
+
+    def test_migrate_after_migrate(self, store: EventStore) -> None:
+        """A second migrate from postmigrate is refused; cont then allows it."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.migrate(STATE_URI)
+        with pytest.raises(IllegalTransition, match="paused due to previous migration"):
+            vm.migrate(STATE_URI)
+        vm.cont()
+        assert vm.state.runstate == "running"
+
+
+class TestNoOps:
+    """A command that changes nothing records nothing."""
+
+    def test_no_events_for_no_ops(self, store: EventStore) -> None:
+        """cont while running, stop while paused, and repeating settings append nothing."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.set_capabilities({"events": True})
+        version = vm.state.version
+        assert vm.cont() == ()
+        assert vm.set_capabilities({"events": True}) == ()
+        assert vm.set_parameters(mode="normal") == ()
+        assert vm.migrate_cancel() == ()
+        vm.stop()
+        assert vm.stop() == ()
+        assert store.version("vm") == version + 1
+
+
+class TestFailures:
+    """A failed operation records QEMU's compensating outcome."""
+
+    def test_ram_save_fails_after_the_stop(self, store: EventStore) -> None:
+        """The VM resumes (RESUME) after a failure past the CPR stop."""
+        vm, ports = machine(store)
+        vm.start()
+        vm.set_parameters(mode="cpr-reboot")
+        ports.fail("memory.save", "Unable to write to file: No space left on device")
+        events = vm.migrate(STATE_URI)
+        assert tags(events)[-3:] == [
+            "operation.failed",
+            "migration.status:failed",
+            "vm.resumed:running",
+        ]
+        assert vm.state.runstate == "running"
+        assert replayed(store) == vm.state
+
+    def test_suspended_guest_returns_suspended(self, store: EventStore) -> None:
+        """A suspended guest goes back to suspended, not running."""
+        vm, ports = machine(store)
+        vm.start()
+        vm.guest_suspend()
+        vm.set_parameters(mode="cpr-reboot")
+        ports.fail("devices.save", "device save failed")
+        vm.migrate(STATE_URI)
+        assert vm.state.runstate == "suspended"
+
+    def test_unwritable_uri_is_a_synchronous_error(self, store: EventStore) -> None:
+        """A file that cannot be created fails migrate itself; no STOP happens."""
+        vm, ports = machine(store)
+        vm.start()
+        vm.set_parameters(mode="cpr-reboot")
+        ports.fail("channel.open_write", "Could not create '/ro/vm.state': Permission denied")
+        with pytest.raises(CommandFailed) as caught:
+            vm.migrate("file:/ro/vm.state")
+        assert caught.value.error.startswith("Could not create")
+        assert "vm.stopped" not in tags(caught.value.events)
+        assert vm.state.outgoing_status == "failed"
+        assert vm.state.runstate == "running"
+
+    def test_paused_source_has_no_stop_event(self, store: EventStore) -> None:
+        """A paused source changes runstate silently and arrives paused, without RESUME."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.stop()
+        vm.set_parameters(mode="cpr-reboot")
+        saved = vm.migrate(STATE_URI)
+        assert "vm.stopped:finish-migrate" not in tags(saved)
+        assert "vm.runstate-set:finish-migrate" in tags(saved)
+        vm.quit()
+        vm.start(incoming=True)
+        loaded = vm.migrate_incoming(STATE_URI)
+        assert tags(loaded)[-2:] == ["vm.runstate-set:paused", "migration.status:completed"]
+
+    def test_cont_and_stop_while_incoming_only_set_autostart(self, store: EventStore) -> None:
+        """stop and cont on a waiting destination change autostart, not the runstate."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.migrate(STATE_URI)
+        vm.quit()
+        vm.start(incoming=True)
+        assert tags(vm.stop()) == ["vm.autostart-changed"]
+        assert tags(vm.cont()) == ["vm.autostart-changed"]
+        assert vm.cont() == ()
+        assert vm.state.runstate == "inmigrate"
+        vm.migrate_incoming(STATE_URI)
+        assert vm.state.runstate == "running"
+
+    def test_destination_with_minus_s_ends_paused(self, store: EventStore) -> None:
+        """With -S the destination ends paused; cont then runs it."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.migrate(STATE_URI)
+        vm.quit()
+        vm.start(incoming=True, paused=True)
+        vm.migrate_incoming(STATE_URI)
+        assert vm.state.runstate == "paused"
+        vm.cont()
+        assert vm.state.runstate == "running"
+
+    def test_capability_mismatch_kills_the_destination(self, store: EventStore) -> None:
+        """x-ignore-shared must match on both sides; a mismatch fails the load and QEMU exits."""
+        vm, _ = machine(store, memory=PMEM)
+        vm.start()
+        vm.set_capabilities({"x-ignore-shared": True})
+        vm.migrate(STATE_URI)
+        vm.quit()
+        vm.start(incoming=True)
+        events = vm.migrate_incoming(STATE_URI)
+        failed = next(
+            e for e in events if isinstance(e, ev.MigrationStatusReported) and e.status == "failed"
+        )
+        assert failed.error == "Capability x-ignore-shared is off, but received capability is on"
+        assert not vm.state.qemu_running
+        assert vm.state.last_exit == "incoming-failed"
+
+    def test_volatile_state_file_is_gone_after_reboot(self, store: EventStore) -> None:
+        """A state file under /dev/shm does not survive a reboot: QEMU cannot open it."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.migrate("file:/dev/shm/vm.state")
+        vm.quit()
+        rebooted = vm.reboot_host()
+        assert rebooted[-1] == ev.HostRebooted(host_boot=2, lost=("file:/dev/shm/vm.state",))
+        assert vm.state.phase == "stopped"
+        vm.start(incoming=True)
+        with pytest.raises(CommandFailed, match=r"Could not open '/dev/shm/vm\.state'"):
+            vm.migrate_incoming("file:/dev/shm/vm.state")
+        assert vm.state.incoming_status == "setup"
+
+    def test_failure_from_debug_predicts_an_abort(self, store: EventStore) -> None:
+        """Going back from finish-migrate to debug is outside QEMU's table: QEMU aborts."""
+        vm, ports = machine(store)
+        vm.start()
+        vm.debug_stop()
+        vm.set_parameters(mode="cpr-reboot")
+        ports.fail("memory.save", "write error")
+        with pytest.raises(QemuAbortPredicted) as caught:
+            vm.migrate(STATE_URI)
+        assert (caught.value.old, caught.value.new) == ("finish-migrate", "debug")
+        assert not vm.state.qemu_running
+        assert vm.state.last_exit == "abort"
+        assert replayed(store) == vm.state
+
+
+class TestSwitchover:
+    """pause-before-switchover stops in pre-switchover until continue or cancel."""
+
+    def test_continue_completes(self, store: EventStore) -> None:
+        """migrate-continue finishes the save."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.set_capabilities({"pause-before-switchover": True})
+        vm.migrate(STATE_URI)
+        assert (vm.state.outgoing_status, vm.state.runstate) == (
+            "pre-switchover",
+            "finish-migrate",
+        )
+        vm.migrate_continue()
+        assert (vm.state.outgoing_status, vm.state.runstate) == ("completed", "postmigrate")
+
+    def test_cancel_resumes(self, store: EventStore) -> None:
+        """migrate_cancel goes cancelling, cancelled, and resumes the guest."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.set_capabilities({"pause-before-switchover": True})
+        vm.migrate(STATE_URI)
+        events = vm.migrate_cancel()
+        assert tags(events) == [
+            "migration.status:cancelling",
+            "migration.status:cancelled",
+            "vm.resumed:running",
+        ]
+
+    def test_continue_needs_pre_switchover(self, store: EventStore) -> None:
+        """migrate-continue elsewhere is refused with QEMU's text."""
+        vm, _ = machine(store)
+        vm.start()
+        with pytest.raises(IllegalTransition, match="Migration not in expected state: none"):
+            vm.migrate_continue()
+
+
+class TestReleases:
+    """Release differences: 8.2 did not keep a suspended guest suspended."""
+
+    def test_8_2_stop_ignores_a_suspended_guest(self, store: EventStore) -> None:
+        """In 8.2 stop on a suspended guest is a no-op."""
+        vm, _ = machine(store, qemu="8.2")
+        vm.start()
+        vm.guest_suspend()
+        assert vm.stop() == ()
+        assert vm.state.runstate == "suspended"
+
+    def test_8_2_migration_wakes_a_suspended_guest(self, store: EventStore) -> None:
+        """In 8.2 migrate wakes the guest first and it arrives running."""
+        vm, _ = machine(store, qemu="8.2")
+        vm.start()
+        vm.guest_suspend()
+        vm.set_parameters(mode="cpr-reboot")
+        saved = vm.migrate(STATE_URI)
+        assert tags(saved)[1] == "guest.woke-up"
+        assert "vm.stopped:finish-migrate" in tags(saved)
+
+    def test_upgrade_between_quit_and_restart(self, store: EventStore) -> None:
+        """A 9.0 save restores on an upgraded 10.0, and the upgrade is refused while QEMU runs."""
+        vm, _ = machine(store, qemu="9.0")
+        vm.start()
+        vm.set_parameters(mode="cpr-reboot")
+        vm.migrate(STATE_URI)
+        with pytest.raises(IllegalTransition, match="quit QEMU first"):
+            vm.upgrade_qemu("10.0")
+        vm.quit()
+        vm.upgrade_qemu("10.0.2")
+        vm.start(incoming=True)
+        vm.migrate_incoming(STATE_URI)
+        assert (vm.state.qemu_version, vm.state.runstate) == ("10.0", "running")
+
+
+class TestReplay:
+    """Replay equals live, at every version and from a snapshot."""
+
+    def test_time_travel(self, store: EventStore) -> None:
+        """The state replayed up to each version equals the live state at that point."""
+        vm, _ = machine(store)
+        history = [vm.state]
+        for command in (vm.start, vm.guest_suspend, vm.stop, vm.cont, vm.system_wakeup):
+            command()
+            history.append(vm.state)
+        for state in history:
+            events = (r.event for r in store.read("vm", last=state.version) if state.version)
+            assert replay("vm", events, qemu="10.0") == state
+
+    def test_structlog_context(self, store: EventStore) -> None:
+        """Applied and refused transitions are logged with the VM, versions and reasons."""
+        vm, _ = machine(store)
+        with capture_logs() as logs:
+            vm.start()
+            with pytest.raises(IllegalTransition):
+                vm.system_wakeup()
+        applied, refused = logs
+        assert applied["event"] == "transition.applied"
+        assert (applied["from_state"], applied["to_state"], applied["stream_version"]) == (
+            None,
+            "running",
+            1,
+        )
+        assert refused["event"] == "transition.refused"
+        assert refused["reasons"] == ["wakeup-needs-suspended"]
