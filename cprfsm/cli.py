@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from cprfsm.exceptions import CprFsmError, UsageError
+from cprfsm import vm_events as ev
+from cprfsm.events import default_registry
+from cprfsm.exceptions import (
+    CprFsmError,
+    ForeignStoreError,
+    StoreNotFoundError,
+    UnknownNameError,
+    UsageError,
+)
 from cprfsm.legality import Configuration, MemoryBackend, Verdict, _switch, check
+from cprfsm.lifecycle import LogMismatchError, fold, initial_state
 from cprfsm.model import COMMANDS, load_model
+from cprfsm.store import SQLiteStore
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+
+    from cprfsm.events import RecordedEvent
+    from cprfsm.lifecycle import VmState
 
 __all__ = ["main"]
 
@@ -29,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; return the exit status (0 allowed, 1 refused, 2 usage error)."""
+    """Run the command line; return the exit status (0 done or allowed, 1 refused, 2 error)."""
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
@@ -37,8 +51,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help and --version end the parse
         return exc.code if isinstance(exc.code, int) else EXIT_ALLOWED
     except CprFsmError as exc:
-        print(f"cprfsm: error: {exc}", file=sys.stderr)
+        # Notes say where a stored event sits; they stay on the message's one line.
+        message = "; ".join([str(exc), *getattr(exc, "__notes__", ())])
+        print(f"cprfsm: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (``cprfsm log STORE | head``): stop quietly.  Point stdout
+        # at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ALLOWED
     return result
 
 
@@ -130,7 +151,45 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     chk.add_argument("--json", action="store_true", help="print one JSON object")
     chk.set_defaults(run=_run_check)
+    log = commands.add_parser(
+        "log",
+        help="print the event log of a store",
+        description=(
+            "Print every event of an SQLite event store, stream by stream in version order: "
+            "one line per event, or one JSON object per line with --json. "
+            "Exit status: 0 printed, 2 the store cannot be read."
+        ),
+    )
+    _store_arguments(log)
+    log.add_argument("--json", action="store_true", help="print one JSON object per event")
+    log.set_defaults(run=_run_log)
+    rep = commands.add_parser(
+        "replay",
+        help="rebuild a VM's state from its event log",
+        description=(
+            "Fold a VM's event log through the model and print the faithful state it "
+            "rebuilds and its lifecycle phase, after the whole log or after event --at. "
+            "Exit status: 0 printed, 2 the store cannot be read or the log does not fit "
+            "the model."
+        ),
+    )
+    _store_arguments(rep)
+    rep.add_argument(
+        "--at",
+        type=int,
+        metavar="VERSION",
+        help="stop after event VERSION (0 is the state before any event; default: the end)",
+    )
+    rep.add_argument("--json", action="store_true", help="print one JSON object")
+    rep.set_defaults(run=_run_replay)
     return parser
+
+
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", metavar="STORE", help="the SQLite event store file")
+    parser.add_argument(
+        "--vm", metavar="ID", help="only this VM (its stream id; default: every VM)"
+    )
 
 
 def _pairs(items: list[str], what: str) -> dict[str, str]:
@@ -177,7 +236,13 @@ def _render(verdict: Verdict) -> str:
     first = verdict.first
     if first is None:
         return f"QEMU {verdict.qemu}: allowed\n  steps: {steps}"
-    how = "the command succeeds, then the migration fails" if first.asynchronous else "QMP error"
+    how = (
+        "QEMU aborts: the process is gone"
+        if first.aborts
+        else "the command succeeds, then the migration fails"
+        if first.asynchronous
+        else "QMP error"
+    )
     lines = [
         f"QEMU {verdict.qemu}: refused at {first.command} ({how})",
         f"  steps:     {steps}",
@@ -189,3 +254,157 @@ def _render(verdict: Verdict) -> str:
         lines.append("  also violated, in QEMU's order:")
         lines.extend(f"    - {r.command}: {r.error} [{r.rule}]" for r in verdict.reasons[1:])
     return "\n".join(lines)
+
+
+def _run_log(args: argparse.Namespace) -> int:
+    with _open_store(args.store) as store:
+        for vm in _chosen(store, args.vm):
+            for recorded in store.read(vm):
+                print(_json_line(recorded) if args.json else _log_line(recorded))
+    return EXIT_ALLOWED
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    with _open_store(args.store) as store:
+        vm = _one_vm(store, args.vm)
+        end = store.version(vm)
+        at = end if args.at is None else args.at
+        if not 0 <= at <= end:
+            raise UsageError(f"--at {at} is outside the log of {vm!r}: give 0 to {end}")
+        state = initial_state(vm, _first_release(store, vm))
+        try:
+            # A loop rather than replay(): on an error the read is let go of here, while
+            # the store is still open.
+            for recorded in store.read(vm, last=at):
+                state = fold(state, recorded.event)
+        except LogMismatchError as exc:
+            exc.add_note(f"in the log of {vm!r} in {os.fspath(store.path)}")
+            raise
+    if args.json:
+        print(json.dumps(state.to_json(), indent=2))
+    else:
+        print(_render_state(state, end))
+    return EXIT_ALLOWED
+
+
+def _open_store(path: str) -> SQLiteStore:
+    """The store at ``path``; never creates one, and says so in the command line's terms."""
+    try:
+        return SQLiteStore(path, create=False)
+    except (StoreNotFoundError, ForeignStoreError) as exc:
+        remedy = "give the path of a cprfsm event store (a file the library wrote)"
+        raise type(exc)(exc.path, exc.problem, remedy) from None
+
+
+def _chosen(store: SQLiteStore, vm: str | None) -> list[str]:
+    """The VMs (streams) to show: every one, or ``vm`` if the store holds it."""
+    streams = store.streams()
+    if vm is None:
+        return streams
+    if vm not in streams:
+        if not streams:
+            raise UsageError(f"{os.fspath(store.path)} holds no VM yet")
+        raise UnknownNameError("VM", vm, streams, context=os.fspath(store.path))
+    return [vm]
+
+
+def _one_vm(store: SQLiteStore, vm: str | None) -> str:
+    """``vm``, or the only VM of the store."""
+    streams = _chosen(store, vm)
+    if len(streams) == 1:
+        return streams[0]
+    if not streams:
+        raise UsageError(f"{os.fspath(store.path)} holds no VM yet")
+    raise UsageError(
+        f"{os.fspath(store.path)} holds {len(streams)} VMs ({', '.join(streams)}); "
+        "choose one with --vm"
+    )
+
+
+def _first_release(store: SQLiteStore, vm: str) -> str | None:
+    """The QEMU release the log starts with, as the live machine was given it.
+
+    The first QemuStarted names the release the machine held (an upgrade before it
+    names the one installed then); a log without either leaves the newest modelled.
+    """
+    for recorded in store.read(vm):
+        if isinstance(recorded.event, ev.QemuStarted | ev.QemuUpgraded):
+            return recorded.event.qemu_version
+    return None
+
+
+def _fields(recorded: RecordedEvent) -> dict[str, Any]:
+    """The event's fields as the store keeps them, in JSON terms."""
+    _, _, data = default_registry.encode(recorded.event)
+    fields: dict[str, Any] = json.loads(data)
+    return fields
+
+
+def _json_line(recorded: RecordedEvent) -> str:
+    event = recorded.event
+    return json.dumps(
+        {
+            "stream": recorded.stream_id,
+            "version": recorded.version,
+            "event_id": recorded.event_id,
+            "recorded_at": recorded.recorded_at.isoformat(),
+            "type": event.type_tag,
+            "schema_version": event.schema_version,
+            "data": _fields(recorded),
+        },
+        separators=(",", ":"),
+    )
+
+
+def _log_line(recorded: RecordedEvent) -> str:
+    stamp = recorded.recorded_at.isoformat(timespec="milliseconds")
+    fields = " ".join(f"{name}={_compact(value)}" for name, value in _fields(recorded).items())
+    line = f"{recorded.stream_id} {recorded.version:>6} {stamp} {recorded.event.type_tag}"
+    return f"{line} {fields}" if fields else line
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, str) and value and not any(c.isspace() or c in '="' for c in value):
+        return value
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _render_state(state: VmState, end: int) -> str:
+    if state.runstate is None:
+        exited = f"; last exit: {state.last_exit}" if state.last_exit else ""
+        runstate = f"none (no QEMU process{exited})"
+    else:
+        runstate = state.runstate
+    lines = [
+        f"phase:          {state.phase}",
+        f"vm:             {state.vm}, after event {state.version} of {end}",
+        f"runstate:       {runstate}",
+        f"was suspended:  {_yes(state.was_suspended)}",
+        f"qemu:           {state.qemu_version}",
+        f"incarnation:    {state.incarnation}",
+        f"host boot:      {state.host_boot}",
+        f"mode:           {state.mode}",
+        f"capabilities:   {', '.join(sorted(state.capabilities)) or 'none'}",
+        f"statuses:       outgoing {state.outgoing_status}, incoming {state.incoming_status}",
+        f"saved state:    {_saved(state)}",
+    ]
+    if state.in_flight is not None:
+        operation, target = state.in_flight
+        lines.append(f"in flight:      {operation} on {target} (intent recorded, no outcome yet)")
+    return "\n".join(lines)
+
+
+def _saved(state: VmState) -> str:
+    saved = state.state_file(state.current_save) if state.current_save else None
+    if saved is None:
+        return "none"
+    flag = ", was suspended" if saved.was_suspended else ""
+    validated = ", ".join(sorted(saved.validated)) or "nothing"
+    return (
+        f"{saved.uri} ({saved.bytes} bytes, QEMU {saved.qemu_version}, mode {saved.mode}, "
+        f"runstate {saved.runstate}{flag}, validates {validated})"
+    )
+
+
+def _yes(value: bool) -> str:  # noqa: FBT001 - a flag rendered as a word
+    return "yes" if value else "no"

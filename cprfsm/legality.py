@@ -114,7 +114,11 @@ class Configuration:
 
 @attrs.frozen(kw_only=True)
 class Reason:
-    """One violated rule: the QMP command that fails, QEMU's exact text, where and why."""
+    """One violated rule: the QMP command that fails, QEMU's exact text, where and why.
+
+    ``aborts`` means QEMU does not report an error but aborts, and ``error`` is
+    what it prints as it dies.
+    """
 
     rule: str
     command: str
@@ -122,6 +126,7 @@ class Reason:
     error: str
     source: str
     hint: str
+    aborts: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The reason as a JSON-ready dict."""
@@ -162,11 +167,22 @@ class Verdict:
         """Whether the failure shows only as a failed migration, not as a QMP error."""
         return bool(self.first and self.first.asynchronous)
 
+    @property
+    def aborts(self) -> bool:
+        """Whether QEMU aborts (the process dies) instead of reporting an error."""
+        return bool(self.first and self.first.aborts)
+
     def summary(self) -> str:
         """One paragraph for people: the verdict, QEMU's words and what to change."""
         if self.first is None:
             return f"QEMU {self.qemu} accepts {' -> '.join(self.steps)}"
-        how = "the migration then fails with" if self.asynchronous else "it replies"
+        how = (
+            "QEMU aborts with"
+            if self.aborts
+            else "the migration then fails with"
+            if self.asynchronous
+            else "it replies"
+        )
         return (
             f"QEMU {self.qemu} refuses at {self.first.command}: {how} "
             f"{self.first.error!r} [{self.first.rule}, {self.first.source}]. "
@@ -183,6 +199,7 @@ class Verdict:
             "steps": list(self.steps),
             "failed_at": self.failed_at,
             "asynchronous": self.asynchronous,
+            "aborts": self.aborts,
             "error": self.error,
             "rule": first.rule if first else None,
             "source": first.source if first else None,
@@ -246,6 +263,7 @@ def _match(rule: Rule, step: str, facts: Facts) -> Reason | None:
         rule=rule.id,
         command=step,
         asynchronous=rule.asynchronous,
+        aborts=rule.aborts,
         error=rule.error.format_map(values),
         source=rule.source.format_map(values),
         hint=rule.hint.format_map(values),

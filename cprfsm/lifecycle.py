@@ -21,8 +21,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from cprfsm.events import Event
+    from cprfsm.store import EventStore
 
-__all__ = ["PHASES", "LogMismatchError", "StateFile", "VmState", "replay"]
+__all__ = ["PHASES", "LogMismatchError", "StateFile", "VmState", "rebuild", "replay"]
 
 #: The card's five lifecycle phases, the projection of the faithful state.
 PHASES: Final = ("running", "suspended", "stopped", "saved", "incoming")
@@ -97,10 +98,42 @@ class VmState:
         return next((f for f in self.state_files if f.uri == uri), None)
 
     def to_json(self) -> dict[str, Any]:
-        """The state as a JSON-ready dict (with its phase)."""
+        """The state as a JSON-ready dict (with its phase); :meth:`from_json` reads it back."""
         data = attrs.asdict(self, value_serializer=_jsonable)
         data["phase"] = self.phase
         return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VmState:
+        """The state :meth:`to_json` wrote (a snapshot); StoreError if it is not one."""
+        try:
+            fields = {k: v for k, v in data.items() if k != "phase"}
+            migration = fields.get("migration")
+            return cls(
+                **{
+                    **fields,
+                    "capabilities": frozenset(fields["capabilities"]),
+                    "parameters": tuple(tuple(pair) for pair in fields["parameters"]),
+                    "devices": tuple(fields["devices"]),
+                    "migration": None
+                    if migration is None
+                    else ev.MigrationStarted(
+                        **{**migration, "capabilities": frozenset(migration["capabilities"])}
+                    ),
+                    "state_files": tuple(
+                        StateFile(**{**f, "validated": frozenset(f["validated"])})
+                        for f in fields["state_files"]
+                    ),
+                    "in_flight": None
+                    if fields["in_flight"] is None
+                    else tuple(fields["in_flight"]),
+                }
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(
+                f"snapshot of {data.get('vm')!r} is not a cprfsm VM state ({exc}); "
+                "delete the snapshot and replay the full log"
+            ) from None
 
 
 def _jsonable(_: object, __: object, value: Any) -> Any:
@@ -114,6 +147,17 @@ def replay(vm: str, events: Iterable[Event], *, qemu: str | None = None) -> VmSt
     state = initial_state(vm, qemu)
     for event in events:
         state = fold(state, event)
+    return state
+
+
+def rebuild(
+    store: EventStore, vm: str, *, at: int | None = None, qemu: str | None = None
+) -> VmState:
+    """The state of ``vm`` after event ``at`` (default: all): latest snapshot, then the tail."""
+    snapshot = store.load_snapshot(vm, at_most=at)
+    state = VmState.from_json(snapshot.state) if snapshot else initial_state(vm, qemu)
+    for recorded in store.read(vm, first=state.version + 1, last=at):
+        state = fold(state, recorded.event)
     return state
 
 

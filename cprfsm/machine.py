@@ -18,7 +18,7 @@ from cprfsm import vm_events as ev
 from cprfsm._engine import LiveRunstate
 from cprfsm.exceptions import CprFsmError, IllegalTransition, UnknownNameError, UsageError
 from cprfsm.legality import Configuration, MemoryBackend, Reason, Verdict, check
-from cprfsm.lifecycle import VmState, fold, initial_state
+from cprfsm.lifecycle import VmState, fold, rebuild
 from cprfsm.model import load_model
 from cprfsm.ports import PortError, Ports, StreamHeader, StreamWriter, VmDefinition
 
@@ -33,6 +33,7 @@ __all__ = ["CommandFailed", "QemuAbortPredicted", "VirtualMachine"]
 # Capabilities whose value QEMU writes into the stream and checks on load.
 _VALIDATED = frozenset({"x-ignore-shared", "mapped-ram"})
 _STARTS_AGAIN = frozenset({"running", "inmigrate", "finish-migrate"})
+_INTERRUPTED = "interrupted: the controller stopped before the outcome was recorded"
 
 
 class CommandFailed(CprFsmError):
@@ -47,17 +48,18 @@ class CommandFailed(CprFsmError):
 
 
 class QemuAbortPredicted(CprFsmError):
-    """QEMU's own logic asked for a runstate change its table forbids: QEMU aborts there."""
+    """QEMU's own logic asks for a runstate change its table forbids: QEMU aborts there.
 
-    def __init__(self, old: str, new: str, events: tuple[Event, ...]) -> None:
-        """Carry the forbidden change and the events recorded up to the abort."""
-        self.old = old
-        self.new = new
+    Predicted before acting, nothing is recorded and ``events`` is empty.  When
+    the abort follows a failed operation, the process is gone and ``events``
+    ends with its exit.
+    """
+
+    def __init__(self, error: str, events: tuple[Event, ...]) -> None:
+        """Carry what QEMU prints as it aborts and the events recorded up to the abort."""
+        self.error = error
         self.events = events
-        super().__init__(
-            f"invalid runstate transition: '{old}' -> '{new}': "
-            "QEMU aborts here, the process is gone"
-        )
+        super().__init__(f"{error}: QEMU aborts here, the process is gone")
 
 
 _P = ParamSpec("_P")
@@ -97,9 +99,7 @@ class VirtualMachine:
         self._store = store
         self._ports = ports
         self._definition = definition or VmDefinition()
-        state = initial_state(vm, qemu)
-        for recorded in store.read(vm):
-            state = fold(state, recorded.event)
+        state = rebuild(store, vm, qemu=qemu)
         self._state = state
         self._model = load_model(state.qemu_version)
         self._runstate = LiveRunstate(self._model, state.runstate)
@@ -118,6 +118,10 @@ class VirtualMachine:
     def runstate(self) -> str | None:
         """The live runstate as the transitions machine holds it (None without QEMU)."""
         return self._runstate.runstate
+
+    def save_snapshot(self) -> None:
+        """Keep the current state in the store, so loading replays only the tail after it."""
+        self._store.save_snapshot(self._vm, self._state.version, self._state.to_json())
 
     def can(self, command: str, **arguments: Any) -> Verdict:
         """Would QEMU accept ``command`` now?  The verdict, without acting."""
@@ -285,8 +289,11 @@ class VirtualMachine:
         """QMP ``migrate`` to ``uri``: save the VM in this mode, in QEMU's order."""
         verdict = self._decide("migrate", uri=uri)
         state = self._state
-        if state.mode == "cpr-transfer":
-            msg = "the lifecycle machine models migrations to a URI; cpr-transfer is not yet"
+        if state.mode == "cpr-transfer" or "background-snapshot" in state.capabilities:
+            msg = (
+                "the lifecycle machine models normal and cpr-reboot saves to a URI; "
+                "cpr-transfer and background snapshots are not modelled yet (use check())"
+            )
             raise UsageError(msg)
         self._record(
             "migrate",
@@ -365,6 +372,24 @@ class VirtualMachine:
         except PortError as exc:
             writer.abort()
             self._compensate("migrate-continue", "failed", exc.error)
+
+    @_command
+    def recover(self) -> None:
+        """Settle an operation whose intent is in the log but whose outcome is not.
+
+        That happens when the controller died mid-operation.  The operation is
+        recorded as failed and QEMU's compensation follows: an outgoing
+        migration fails and the guest resumes; an incoming one fails and that
+        QEMU exits.  Without an operation in flight this does nothing.
+        """
+        in_flight = self._state.in_flight
+        if in_flight is None:
+            return
+        self._record("recover", ev.OperationFailed(operation=in_flight[0], error=_INTERRUPTED))
+        if self._state.outgoing_status in self._model.running_statuses:
+            self._compensate("recover", "failed", _INTERRUPTED)
+        elif self._state.incoming_status in self._model.running_statuses:
+            self._fail_incoming(_INTERRUPTED)
 
     @_command
     def migrate_cancel(self) -> None:
@@ -452,6 +477,11 @@ class VirtualMachine:
     def _decide(self, command: str, **overrides: Any) -> Verdict:
         self._require_qemu(command)
         verdict = check(self._config(**overrides), command, model=self._model, walk=False)
+        if verdict.first is not None and verdict.first.aborts:
+            self._log.info(
+                "transition.abort-predicted", vm=self._vm, command=command, error=verdict.error
+            )
+            raise QemuAbortPredicted(verdict.first.error, ())
         if verdict.first is not None and not verdict.first.asynchronous:
             self._log.info(
                 "transition.refused",
@@ -629,7 +659,7 @@ class VirtualMachine:
         else:
             detail = f"invalid runstate transition: 'finish-migrate' -> '{plan.runstate}'"
             self._exit(command, "abort", detail)
-            raise QemuAbortPredicted("finish-migrate", plan.runstate, tuple(self._batch))
+            raise QemuAbortPredicted(detail, tuple(self._batch))
 
     def _fail_incoming(self, error: str) -> None:
         """A failed load: status failed, then QEMU exits (exit-on-error is on by default)."""

@@ -81,7 +81,7 @@ def _html_cell(verdict: Verdict) -> str:
         return '<td style="background:#d9f2d9" title="allowed">ok</td>'
     reason = verdict.first
     tip = html.escape(f"{reason.command}: {reason.error} [{reason.rule}] - {reason.hint}")
-    mark = "async" if reason.asynchronous else "no"
+    mark = "abort" if reason.aborts else "async" if reason.asynchronous else "no"
     return f'<td style="background:#f8d0d0" title="{tip}">{mark}</td>'
 
 

@@ -127,13 +127,16 @@ class HostFact:
 class Rule:
     """One legality rule: when it applies, which command refuses, and QEMU's words.
 
-    ``capabilities`` are the capabilities its condition names; ``line`` is
-    where the rule starts in its model file.
+    ``asynchronous`` rules fail a migration after the command succeeded;
+    ``aborts`` rules predict that QEMU aborts (its runstate table forbids a
+    change its own code asks for).  ``capabilities`` are the capabilities the
+    condition names; ``line`` is where the rule starts in its model file.
     """
 
     id: str
     commands: tuple[str, ...]
     asynchronous: bool
+    aborts: bool
     error: str
     source: str
     hint: str
@@ -627,7 +630,9 @@ _RULE_KEYS = frozenset({"id", "command", "when", "error", "source", "hint"})
 def _parse_rules(node: Node, vocab: Vocabulary) -> tuple[tuple[_Span, Rule], ...]:
     result: list[tuple[_Span, Rule]] = []
     for element in node.elements("rules"):
-        fields = element.items("a rule", allowed=_RULE_KEYS | {"since", "until", "asynchronous"})
+        fields = element.items(
+            "a rule", allowed=_RULE_KEYS | {"since", "until", "asynchronous", "aborts"}
+        )
         missing = sorted(_RULE_KEYS - fields.keys())
         if missing:
             element.fail(f"the rule lacks {', '.join(missing)}")
@@ -653,6 +658,7 @@ def _parse_rules(node: Node, vocab: Vocabulary) -> tuple[tuple[_Span, Rule], ...
             asynchronous=fields["asynchronous"].flag("asynchronous")
             if "asynchronous" in fields
             else False,
+            aborts=fields["aborts"].flag("aborts") if "aborts" in fields else False,
             error=fields["error"].text("error"),
             source=fields["source"].text("source"),
             hint=fields["hint"].text("hint"),

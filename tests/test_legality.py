@@ -224,6 +224,11 @@ CASES: dict[str, tuple[str, Configuration, Configuration]] = {
         Configuration(runstate="shutdown"),
         Configuration(runstate="paused"),
     ),
+    "cont-aborts-resuming-suspended": (
+        "cont",
+        Configuration(runstate="postmigrate", was_suspended=True),
+        Configuration(runstate="paused", was_suspended=True),
+    ),
     "cont-during-finish-migrate": (
         "cont",
         Configuration(runstate="finish-migrate"),

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 import pytest
 from structlog.testing import capture_logs
 
-from cprfsm import IllegalTransition
+from cprfsm import IllegalTransition, StoreError
 from cprfsm import vm_events as ev
-from cprfsm.lifecycle import replay
+from cprfsm.lifecycle import rebuild, replay
 from cprfsm.machine import CommandFailed, QemuAbortPredicted, VirtualMachine
 from cprfsm.ports import RecordingPorts, VmDefinition
 from cprfsm.store import InMemoryStore, SQLiteStore
@@ -346,10 +346,28 @@ class TestFailures:
         ports.fail("memory.save", "write error")
         with pytest.raises(QemuAbortPredicted) as caught:
             vm.migrate(STATE_URI)
-        assert (caught.value.old, caught.value.new) == ("finish-migrate", "debug")
+        assert caught.value.error == "invalid runstate transition: 'finish-migrate' -> 'debug'"
         assert not vm.state.qemu_running
         assert vm.state.last_exit == "abort"
         assert replayed(store) == vm.state
+
+
+class TestAbortPredictions:
+    """Where QEMU would abort, the machine says so instead of inventing an outcome."""
+
+    def test_cont_after_saving_a_suspended_guest(self, store: EventStore) -> None:
+        """cont from postmigrate with the suspended flag aborts QEMU 10.0.2 (checked live)."""
+        vm, ports = machine(store)
+        vm.start()
+        vm.guest_suspend()
+        vm.set_parameters(mode="cpr-reboot")
+        vm.migrate(STATE_URI)
+        before, calls = vm.state, list(ports.calls)
+        with pytest.raises(QemuAbortPredicted) as caught:
+            vm.cont()
+        assert caught.value.error == "invalid runstate transition: 'postmigrate' -> 'suspended'"
+        assert caught.value.events == ()
+        assert (vm.state, ports.calls) == (before, calls)
 
 
 class TestSwitchover:
@@ -455,3 +473,37 @@ class TestReplay:
         )
         assert refused["event"] == "transition.refused"
         assert refused["reasons"] == ["wakeup-needs-suspended"]
+
+
+class TestSnapshots:
+    """A snapshot plus the tail gives the same state as the full log."""
+
+    def test_snapshot_plus_tail(self, store: EventStore) -> None:
+        """rebuild() from a mid-log snapshot equals a full replay, at every later version."""
+        vm, ports = machine(store, memory=PMEM, devices=("vfio",))
+        vm.start()
+        vm.guest_suspend()
+        vm.set_parameters(mode="cpr-reboot")
+        vm.set_capabilities({"x-ignore-shared": True})
+        vm.migrate(STATE_URI)
+        vm.save_snapshot()
+        vm.quit()
+        vm.reboot_host()
+        vm.start(incoming=True)
+        vm.set_parameters(mode="cpr-reboot")
+        vm.set_capabilities({"x-ignore-shared": True})
+        vm.migrate_incoming(STATE_URI)
+        full = list(store.read("vm"))
+        for last in range(1, len(full) + 1):
+            expected = replay("vm", (r.event for r in full[:last]), qemu="10.0")
+            assert rebuild(store, "vm", at=last, qemu="10.0") == expected
+        reloaded = VirtualMachine("vm", store=store, ports=ports.ports(), qemu="10.0")
+        assert reloaded.state == vm.state
+
+    def test_foreign_snapshot_is_a_store_error(self, store: EventStore) -> None:
+        """A snapshot that is not a VM state is a typed error naming what to do."""
+        vm, _ = machine(store)
+        vm.start()
+        store.save_snapshot("vm", 1, {"hello": "world"})
+        with pytest.raises(StoreError, match="replay the full log"):
+            rebuild(store, "vm")
