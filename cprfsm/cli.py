@@ -303,7 +303,7 @@ def _chosen(store: SQLiteStore, vm: str | None) -> list[str]:
         return streams
     if vm not in streams:
         if not streams:
-            raise UsageError(f"{os.fspath(store.path)} holds no VM yet")
+            raise _no_vm(store)
         raise UnknownNameError("VM", vm, streams, context=os.fspath(store.path))
     return [vm]
 
@@ -314,18 +314,22 @@ def _one_vm(store: SQLiteStore, vm: str | None) -> str:
     if len(streams) == 1:
         return streams[0]
     if not streams:
-        raise UsageError(f"{os.fspath(store.path)} holds no VM yet")
+        raise _no_vm(store)
     raise UsageError(
         f"{os.fspath(store.path)} holds {len(streams)} VMs ({', '.join(streams)}); "
         "choose one with --vm"
     )
 
 
-def _first_release(store: SQLiteStore, vm: str) -> str | None:
-    """The QEMU release the log starts with, as the live machine was given it.
+def _no_vm(store: SQLiteStore) -> UsageError:
+    return UsageError(f"{os.fspath(store.path)} holds no VM yet: no event was recorded in it")
 
-    The first QemuStarted names the release the machine held (an upgrade before it
-    names the one installed then); a log without either leaves the newest modelled.
+
+def _first_release(store: SQLiteStore, vm: str) -> str | None:
+    """The release to fold from: the first one the log names, as the live machine held it.
+
+    Only a QemuStarted or QemuUpgraded names a release, and the folded state differs
+    only before the first of them; None (the newest modelled) when the log names none.
     """
     for recorded in store.read(vm):
         if isinstance(recorded.event, ev.QemuStarted | ev.QemuUpgraded):

@@ -45,6 +45,7 @@ class StateFile:
     validated: frozenset[str]
     qemu_version: str
     digest: str
+    ram_in_place: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)
@@ -121,7 +122,13 @@ class VmState:
                         **{**migration, "capabilities": frozenset(migration["capabilities"])}
                     ),
                     "state_files": tuple(
-                        StateFile(**{**f, "validated": frozenset(f["validated"])})
+                        StateFile(
+                            **{
+                                **f,
+                                "validated": frozenset(f["validated"]),
+                                "ram_in_place": tuple(f["ram_in_place"]),
+                            }
+                        )
                         for f in fields["state_files"]
                     ),
                     "in_flight": None
@@ -274,6 +281,7 @@ def _written(state: VmState, e: ev.StateFileWritten) -> VmState:
         validated=e.validated,
         qemu_version=e.qemu_version,
         digest=e.digest,
+        ram_in_place=e.ram_in_place,
     )
     others = tuple(f for f in state.state_files if f.uri != e.uri)
     return attrs.evolve(state, state_files=(*others, written), current_save=e.uri, in_flight=None)
@@ -308,6 +316,7 @@ _FOLD: dict[type[Any], Callable[[VmState, Any], VmState]] = {
     ev.MigrationStatusReported: _status,
     ev.OperationStarted: lambda s, e: attrs.evolve(s, in_flight=(e.operation, e.target)),
     ev.OperationFailed: _outcome,
+    ev.GuestDataAtRisk: lambda s, _: s,
     ev.DeviceStateSaved: _outcome,
     ev.RamSaved: _outcome,
     ev.StateFileWritten: _written,

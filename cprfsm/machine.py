@@ -133,6 +133,16 @@ class VirtualMachine:
     def start(self, *, paused: bool = False, incoming: bool = False) -> None:
         """Start QEMU (``-S`` with ``paused``, ``-incoming defer`` with ``incoming``)."""
         self._require_no_qemu("start")
+        saved = self._state.state_file(self._state.current_save or "")
+        if not incoming and saved is not None and saved.ram_in_place:
+            self._record(
+                "start",
+                ev.GuestDataAtRisk(
+                    rule="saved-ram-reused",
+                    detail=f"a fresh boot writes into {', '.join(saved.ram_in_place)}, "
+                    f"which holds the RAM of the save at {saved.uri}",
+                ),
+            )
         self._ports.host.start_qemu(self._definition)
         runstate = "inmigrate" if incoming else "prelaunch" if paused else "running"
         self._record(
@@ -211,6 +221,10 @@ class VirtualMachine:
         state = self._state
         if state.runstate not in self._model.live_runstates:
             return
+        if not self._model.may_change_runstate(state.runstate, "debug"):
+            raise QemuAbortPredicted(
+                f"invalid runstate transition: '{state.runstate}' -> 'debug'", ()
+            )
         flag = state.runstate == "suspended"
         self._record("debug_stop", ev.VmStopped(runstate="debug", was_suspended=flag))
 
@@ -599,6 +613,17 @@ class VirtualMachine:
                 ev.RunstateSet(runstate="finish-migrate", was_suspended=state.was_suspended),
             )
 
+    def _ram_in_place(self) -> tuple[str, ...]:
+        """Paths of the shared RAM files whose content the stream relies on, not holds."""
+        skipped = self._skipped_blocks()
+        return tuple(
+            sorted(
+                block.path
+                for block in self._ports.memory.blocks()
+                if block.name in skipped and block.path
+            )
+        )
+
     def _skipped_blocks(self) -> frozenset[str]:
         """The RAM blocks QEMU does not transfer: shared named files under x-ignore-shared."""
         if "x-ignore-shared" not in self._state.capabilities:
@@ -633,6 +658,7 @@ class VirtualMachine:
                 validated=plan.capabilities & _VALIDATED,
                 qemu_version=state.qemu_version,
                 digest=stream.digest,
+                ram_in_place=self._ram_in_place(),
             ),
         )
         self._status("migrate", "outgoing", "completed")

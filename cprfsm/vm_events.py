@@ -17,6 +17,7 @@ __all__ = [
     "CapabilitiesSet",
     "DeviceStateLoaded",
     "DeviceStateSaved",
+    "GuestDataAtRisk",
     "GuestReset",
     "GuestSuspended",
     "GuestWokeUp",
@@ -224,7 +225,7 @@ class RamSaved(Event):
 @event("state-file.written")
 @attrs.frozen(kw_only=True)
 class StateFileWritten(Event):
-    """Outcome: the migration stream at ``uri`` is complete and holds what QEMU put in it."""
+    """Outcome: the stream at ``uri`` is complete; ``ram_in_place`` files hold the skipped RAM."""
 
     uri: str
     bytes_written: int
@@ -234,6 +235,16 @@ class StateFileWritten(Event):
     validated: frozenset[str]
     qemu_version: str
     digest: str
+    ram_in_place: tuple[str, ...] = ()
+
+
+@event("guest-data.at-risk")
+@attrs.frozen(kw_only=True)
+class GuestDataAtRisk(Event):
+    """Before a step that can lose saved guest data: which rule, and what is at stake."""
+
+    rule: str
+    detail: str
 
 
 @event("device-state.loaded")

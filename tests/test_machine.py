@@ -369,6 +369,46 @@ class TestAbortPredictions:
         assert caught.value.events == ()
         assert (vm.state, ports.calls) == (before, calls)
 
+    def test_debug_stop_of_a_suspended_guest(self, store: EventStore) -> None:
+        """The table has no suspended -> debug: stopping a suspended guest for gdb aborts."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.guest_suspend()
+        with pytest.raises(QemuAbortPredicted, match="'suspended' -> 'debug'"):
+            vm.debug_stop()
+        assert vm.state.runstate == "suspended"
+
+
+class TestDataAtRisk:
+    """A step that can lose saved guest data is announced in the log before it happens."""
+
+    def test_fresh_boot_over_ram_kept_in_place(self, store: EventStore) -> None:
+        """Booting afresh on a RAM file that a save relies on is announced; the restore shows it."""
+        vm, ports = machine(store, memory=PMEM)
+        vm.start()
+        ports.write_guest(b"saved")
+        vm.set_capabilities({"x-ignore-shared": True})
+        vm.migrate(STATE_URI)
+        vm.quit()
+        events = vm.start()
+        assert isinstance(events[0], ev.GuestDataAtRisk)
+        assert events[0].rule == "saved-ram-reused"
+        assert "/mnt/pmem/guest-ram" in events[0].detail
+        ports.write_guest(b"new boot")
+        vm.quit()
+        vm.start(incoming=True)
+        vm.set_capabilities({"x-ignore-shared": True})
+        vm.migrate_incoming(STATE_URI)
+        assert ports.ram == {"ram0": b"new boot"}
+
+    def test_no_warning_when_the_stream_holds_the_ram(self, store: EventStore) -> None:
+        """Without x-ignore-shared the stream has the RAM, so a fresh boot risks nothing."""
+        vm, _ = machine(store, memory=PMEM)
+        vm.start()
+        vm.migrate(STATE_URI)
+        vm.quit()
+        assert not any(isinstance(e, ev.GuestDataAtRisk) for e in vm.start())
+
 
 class TestSwitchover:
     """pause-before-switchover stops in pre-switchover until continue or cancel."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from hypothesis import settings
@@ -71,6 +72,7 @@ class Lifecycle(RuleBasedStateMachine):
         self.vm: VirtualMachine | None = None
         self.generation = 0
         self.qemu = "10.0"
+        self.saved_ram: dict[str, dict[str, bytes]] = {}
 
     @precondition(lambda self: self.vm is None)
     @rule(
@@ -103,9 +105,47 @@ class Lifecycle(RuleBasedStateMachine):
             pass
         finally:
             self.ports.clear_failures()
-        if name == "start" and not arguments and self.vm.state.qemu_running:
+        state = self.vm.state
+        if state.version == version:
+            return
+        if name == "start" and not arguments and state.qemu_running:
             self.generation += 1
             self.ports.write_guest(f"generation-{self.generation}".encode())
+        if name == "migrate" and state.current_save == arguments["uri"]:
+            self.saved_ram[arguments["uri"]] = dict(self.ports.ram)
+        if name == "migrate_incoming" and state.incoming_status == "completed":
+            self.check_no_silent_loss(arguments["uri"], version)
+
+    def check_no_silent_loss(self, uri: str, before: int) -> None:
+        """Restored RAM differs from the saved RAM only if the log warned about it first."""
+        if self.ports.ram == self.saved_ram.get(uri):
+            return
+        log = [r.event for r in self.store.read("vm", last=before)]
+        save = max(
+            i for i, e in enumerate(log) if isinstance(e, ev.StateFileWritten) and e.uri == uri
+        )
+        in_place = set(log[save].ram_in_place)  # type: ignore[attr-defined]
+        warned = any(
+            isinstance(e, ev.GuestDataAtRisk)
+            or (isinstance(e, ev.HostRebooted) and in_place & set(e.lost))
+            for e in log[save + 1 :]
+        )
+        assert warned, f"RAM restored from {uri} differs from what was saved, unannounced"
+
+    @precondition(lambda self: self.vm is not None)
+    @rule(uri=st.sampled_from(URIS), ignore_shared=st.booleans(), restore=st.booleans())
+    def cycle_step(self, uri: str, ignore_shared: bool, restore: bool) -> None:  # noqa: FBT001
+        """A whole cpr-reboot save (or restore) as one step, so long stories get explored."""
+        steps: list[tuple[str, dict[str, Any]]] = []
+        if restore:
+            steps.append(("start", {"incoming": True}))
+        steps += [
+            ("set_parameters", {"mode": "cpr-reboot"}),
+            ("set_capabilities", {"changes": {"x-ignore-shared": ignore_shared}}),
+            ("migrate_incoming" if restore else "migrate", {"uri": uri}),
+        ]
+        for step in steps:
+            self.act(step, None)
 
     @invariant()
     def replay_equals_live(self) -> None:
@@ -162,4 +202,8 @@ class Lifecycle(RuleBasedStateMachine):
 
 
 TestLifecycle = Lifecycle.TestCase
-TestLifecycle.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+TestLifecycle.settings = settings(
+    max_examples=int(os.environ.get("CPRFSM_EXAMPLES", "150")),
+    stateful_step_count=30,
+    deadline=None,
+)
