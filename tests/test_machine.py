@@ -383,7 +383,7 @@ class TestDataAtRisk:
     """A step that can lose saved guest data is announced in the log before it happens."""
 
     def test_fresh_boot_over_ram_kept_in_place(self, store: EventStore) -> None:
-        """Booting afresh on a RAM file that a save relies on is announced; the restore shows it."""
+        """A fresh boot on a RAM file a save relies on is announced; the restore shows it."""
         vm, ports = machine(store, memory=PMEM)
         vm.start()
         ports.write_guest(b"saved")

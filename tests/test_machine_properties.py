@@ -134,7 +134,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     @precondition(lambda self: self.vm is not None)
     @rule(uri=st.sampled_from(URIS), ignore_shared=st.booleans(), restore=st.booleans())
-    def cycle_step(self, uri: str, ignore_shared: bool, restore: bool) -> None:  # noqa: FBT001
+    def cycle_step(self, uri: str, ignore_shared: bool, restore: bool) -> None:
         """A whole cpr-reboot save (or restore) as one step, so long stories get explored."""
         steps: list[tuple[str, dict[str, Any]]] = []
         if restore:
