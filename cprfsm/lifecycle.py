@@ -151,10 +151,7 @@ def _jsonable(_: object, __: object, value: Any) -> Any:
 
 def replay(vm: str, events: Iterable[Event], *, qemu: str | None = None) -> VmState:
     """Fold ``events`` (in order) into the state of ``vm``; ``qemu`` is the installed release."""
-    state = initial_state(vm, qemu)
-    for event in events:
-        state = fold(state, event)
-    return state
+    return _fold_all(initial_state(vm, qemu), events)
 
 
 def rebuild(
@@ -163,9 +160,8 @@ def rebuild(
     """The state of ``vm`` after event ``at`` (default: all): latest snapshot, then the tail."""
     snapshot = store.load_snapshot(vm, at_most=at)
     state = VmState.from_json(snapshot.state) if snapshot else initial_state(vm, qemu)
-    for recorded in store.read(vm, first=state.version + 1, last=at):
-        state = fold(state, recorded.event)
-    return state
+    tail = store.read(vm, first=state.version + 1, last=at)
+    return _fold_all(state, (recorded.event for recorded in tail))
 
 
 def initial_state(vm: str, qemu: str | None = None) -> VmState:
@@ -175,10 +171,37 @@ def initial_state(vm: str, qemu: str | None = None) -> VmState:
 
 def fold(state: VmState, event: Event) -> VmState:
     """The state after one more event; LogMismatchError if the model forbids it."""
-    handler = _FOLD.get(type(event))
-    if handler is None:
-        raise LogMismatchError(f"event {type(event).__name__} is not a lifecycle event of cprfsm")
-    return attrs.evolve(handler(state, event), version=state.version + 1)
+    return _fold_all(state, (event,))
+
+
+_FIELDS = tuple(field.name for field in attrs.fields(VmState))
+
+
+class _Draft:
+    """A mutable copy of a VmState: events fold into it, and it is frozen once at the end."""
+
+    __slots__ = _FIELDS
+
+    def __init__(self, state: VmState) -> None:
+        for name in _FIELDS:
+            setattr(self, name, getattr(state, name))
+
+    def freeze(self) -> VmState:
+        return VmState(**{name: getattr(self, name) for name in _FIELDS})
+
+
+def _fold_all(state: VmState, events: Iterable[Event]) -> VmState:
+    draft: Any = _Draft(state)
+    for event in events:
+        handler = _FOLD.get(type(event))
+        if handler is None:
+            raise LogMismatchError(
+                f"event {type(event).__name__} is not a lifecycle event of cprfsm"
+            )
+        handler(draft, event)
+        draft.version += 1
+    result: VmState = draft.freeze()
+    return result
 
 
 @functools.cache
@@ -186,92 +209,117 @@ def _table(version: str) -> frozenset[tuple[str, str]]:
     return load_model(version).runstate_transitions
 
 
-def _to(state: VmState, runstate: str, event: Event) -> str:
-    """Check ``state.runstate -> runstate`` against the compiled table of the release."""
-    old = state.runstate
+def _to(draft: Any, runstate: str, event: Event) -> None:
+    """Move the draft to ``runstate`` if the release's compiled table allows it."""
+    old = draft.runstate
     if old is None:
         raise LogMismatchError(
-            f"event {state.version + 1} ({type(event).__name__}) needs a QEMU process, "
+            f"event {draft.version + 1} ({type(event).__name__}) needs a QEMU process, "
             "but none runs at that point of the log"
         )
-    if old != runstate and (old, runstate) not in _table(state.qemu_version):
+    if old != runstate and (old, runstate) not in _table(draft.qemu_version):
         raise LogMismatchError(
-            f"event {state.version + 1} ({type(event).__name__}) changes the runstate "
-            f"{old} -> {runstate}, which QEMU {state.qemu_version} forbids"
+            f"event {draft.version + 1} ({type(event).__name__}) changes the runstate "
+            f"{old} -> {runstate}, which QEMU {draft.qemu_version} forbids"
         )
-    return runstate
+    draft.runstate = runstate
 
 
-def _started(state: VmState, e: ev.QemuStarted) -> VmState:
-    return attrs.evolve(
-        state,
-        qemu_version=e.qemu_version,
-        incarnation=e.incarnation,
-        host_boot=e.host_boot,
-        runstate=e.runstate,
-        was_suspended=False,
-        autostart=not e.paused,
-        incoming="deferred" if e.incoming else "none",
-        outgoing_status="none",
-        incoming_status="none",
-        mode="normal",
-        capabilities=frozenset(),
-        parameters=(),
-        memory=e.memory,
-        devices=e.devices,
-        aux_ram_share=e.aux_ram_share,
-        migration=None,
-        incoming_uri=None,
-        current_save=state.current_save if e.incoming else None,
-        in_flight=None,
-    )
+def _started(d: Any, e: ev.QemuStarted) -> None:
+    d.qemu_version = e.qemu_version
+    d.incarnation = e.incarnation
+    d.host_boot = e.host_boot
+    d.runstate = e.runstate
+    d.was_suspended = False
+    d.autostart = not e.paused
+    d.incoming = "deferred" if e.incoming else "none"
+    d.outgoing_status = d.incoming_status = "none"
+    d.mode = "normal"
+    d.capabilities = frozenset()
+    d.parameters = ()
+    d.memory = e.memory
+    d.devices = e.devices
+    d.aux_ram_share = e.aux_ram_share
+    d.migration = d.incoming_uri = d.in_flight = None
+    if not e.incoming:
+        d.current_save = None
 
 
-def _exited(state: VmState, e: ev.QemuExited) -> VmState:
-    return attrs.evolve(
-        state,
-        runstate=None,
-        incoming="none",
-        outgoing_status="none",
-        incoming_status="none",
-        migration=None,
-        in_flight=None,
-        last_exit=e.reason,
-    )
+def _exited(d: Any, e: ev.QemuExited) -> None:
+    d.runstate = d.migration = d.in_flight = None
+    d.incoming = d.outgoing_status = d.incoming_status = "none"
+    d.last_exit = e.reason
 
 
-def _rebooted(state: VmState, e: ev.HostRebooted) -> VmState:
+def _rebooted(d: Any, e: ev.HostRebooted) -> None:
     lost = set(e.lost)
-    files = tuple(f for f in state.state_files if f.uri not in lost)
-    current = state.current_save if state.current_save not in lost else None
-    return attrs.evolve(state, host_boot=e.host_boot, state_files=files, current_save=current)
+    d.host_boot = e.host_boot
+    d.state_files = tuple(f for f in d.state_files if f.uri not in lost)
+    if d.current_save in lost:
+        d.current_save = None
 
 
-def _stopped(state: VmState, e: ev.VmStopped) -> VmState:
-    return attrs.evolve(state, runstate=_to(state, e.runstate, e), was_suspended=e.was_suspended)
+def _stopped(d: Any, e: ev.VmStopped | ev.RunstateSet) -> None:
+    _to(d, e.runstate, e)
+    d.was_suspended = e.was_suspended
 
 
-def _resumed(state: VmState, e: ev.VmResumed) -> VmState:
-    return attrs.evolve(
-        state, runstate=_to(state, e.runstate, e), was_suspended=False, current_save=None
-    )
+def _resumed(d: Any, e: ev.VmResumed) -> None:
+    _to(d, e.runstate, e)
+    d.was_suspended = False
+    d.current_save = None
 
 
-def _runstate_set(state: VmState, e: ev.RunstateSet) -> VmState:
-    return attrs.evolve(state, runstate=_to(state, e.runstate, e), was_suspended=e.was_suspended)
+def _suspended(d: Any, e: ev.GuestSuspended) -> None:
+    _to(d, "suspended", e)
+    d.current_save = None
 
 
-def _migration_started(state: VmState, e: ev.MigrationStarted) -> VmState:
-    return attrs.evolve(state, migration=e, outgoing_status="setup")
+def _woke_up(d: Any, e: ev.GuestWokeUp) -> None:
+    _to(d, "running", e)
 
 
-def _status(state: VmState, e: ev.MigrationStatusReported) -> VmState:
+def _reset(d: Any, e: ev.GuestReset) -> None:
+    _to(d, e.runstate, e)
+    d.was_suspended = False
+
+
+def _autostart(d: Any, e: ev.AutostartChanged) -> None:
+    d.autostart = e.autostart
+
+
+def _parameters(d: Any, e: ev.ParametersSet) -> None:
+    d.mode = e.mode
+    d.parameters = e.parameters
+
+
+def _capabilities(d: Any, e: ev.CapabilitiesSet) -> None:
+    d.capabilities = e.capabilities
+
+
+def _migration_started(d: Any, e: ev.MigrationStarted) -> None:
+    d.migration = e
+    d.outgoing_status = "setup"
+
+
+def _incoming_started(d: Any, e: ev.IncomingStarted) -> None:
+    d.incoming = "started"
+    d.incoming_status = "setup"
+    d.incoming_uri = e.uri
+
+
+def _status(d: Any, e: ev.MigrationStatusReported) -> None:
     if e.side == "outgoing":
-        return attrs.evolve(state, outgoing_status=e.status)
-    return attrs.evolve(state, incoming_status=e.status)
+        d.outgoing_status = e.status
+    else:
+        d.incoming_status = e.status
 
 
-def _written(state: VmState, e: ev.StateFileWritten) -> VmState:
+def _operation_started(d: Any, e: ev.OperationStarted) -> None:
+    d.in_flight = (e.operation, e.target)
+
+
+def _written(d: Any, e: ev.StateFileWritten) -> None:
     written = StateFile(
         uri=e.uri,
         bytes=e.bytes_written,
@@ -283,43 +331,46 @@ def _written(state: VmState, e: ev.StateFileWritten) -> VmState:
         digest=e.digest,
         ram_in_place=e.ram_in_place,
     )
-    others = tuple(f for f in state.state_files if f.uri != e.uri)
-    return attrs.evolve(state, state_files=(*others, written), current_save=e.uri, in_flight=None)
+    d.state_files = (*(f for f in d.state_files if f.uri != e.uri), written)
+    d.current_save = e.uri
+    d.in_flight = None
 
 
-def _outcome(state: VmState, _: Event) -> VmState:
-    return attrs.evolve(state, in_flight=None)
+def _upgraded(d: Any, e: ev.QemuUpgraded) -> None:
+    d.qemu_version = e.qemu_version
 
 
-_FOLD: dict[type[Any], Callable[[VmState, Any], VmState]] = {
+def _outcome(d: Any, _: Event) -> None:
+    d.in_flight = None
+
+
+def _no_change(_: Any, __: Event) -> None:
+    pass
+
+
+_FOLD: dict[type[Any], Callable[[Any, Any], None]] = {
     ev.QemuStarted: _started,
     ev.QemuExited: _exited,
-    ev.QemuUpgraded: lambda s, e: attrs.evolve(s, qemu_version=e.qemu_version),
+    ev.QemuUpgraded: _upgraded,
     ev.HostRebooted: _rebooted,
     ev.VmStopped: _stopped,
     ev.VmResumed: _resumed,
-    ev.RunstateSet: _runstate_set,
-    ev.GuestSuspended: lambda s, e: attrs.evolve(
-        s, runstate=_to(s, "suspended", e), current_save=None
-    ),
-    ev.GuestWokeUp: lambda s, e: attrs.evolve(s, runstate=_to(s, "running", e)),
-    ev.GuestReset: lambda s, e: attrs.evolve(
-        s, runstate=_to(s, e.runstate, e), was_suspended=False
-    ),
-    ev.AutostartChanged: lambda s, e: attrs.evolve(s, autostart=e.autostart),
-    ev.ParametersSet: lambda s, e: attrs.evolve(s, mode=e.mode, parameters=e.parameters),
-    ev.CapabilitiesSet: lambda s, e: attrs.evolve(s, capabilities=e.capabilities),
+    ev.RunstateSet: _stopped,
+    ev.GuestSuspended: _suspended,
+    ev.GuestWokeUp: _woke_up,
+    ev.GuestReset: _reset,
+    ev.AutostartChanged: _autostart,
+    ev.ParametersSet: _parameters,
+    ev.CapabilitiesSet: _capabilities,
     ev.MigrationStarted: _migration_started,
-    ev.IncomingStarted: lambda s, e: attrs.evolve(
-        s, incoming="started", incoming_status="setup", incoming_uri=e.uri
-    ),
+    ev.IncomingStarted: _incoming_started,
     ev.MigrationStatusReported: _status,
-    ev.OperationStarted: lambda s, e: attrs.evolve(s, in_flight=(e.operation, e.target)),
+    ev.OperationStarted: _operation_started,
     ev.OperationFailed: _outcome,
-    ev.GuestDataAtRisk: lambda s, _: s,
     ev.DeviceStateSaved: _outcome,
     ev.RamSaved: _outcome,
     ev.StateFileWritten: _written,
     ev.DeviceStateLoaded: _outcome,
     ev.RamLoaded: _outcome,
+    ev.GuestDataAtRisk: _no_change,
 }

@@ -33,6 +33,7 @@ __all__ = ["CommandFailed", "QemuAbortPredicted", "VirtualMachine"]
 # Capabilities whose value QEMU writes into the stream and checks on load.
 _VALIDATED = frozenset({"x-ignore-shared", "mapped-ram"})
 _STARTS_AGAIN = frozenset({"running", "inmigrate", "finish-migrate"})
+_VERDICT_CACHE = 256
 _INTERRUPTED = "interrupted: the controller stopped before the outcome was recorded"
 
 
@@ -105,6 +106,9 @@ class VirtualMachine:
         self._runstate = LiveRunstate(self._model, state.runstate)
         self._writer: StreamWriter | None = None
         self._batch: list[Event] = []
+        # Verdicts depend only on the fields in can()'s key, and a VM revisits
+        # few of them: deciding stop/cont again costs a dict lookup.
+        self._verdicts: dict[tuple[object, ...], Verdict] = {}
         # Not bound once here: a bound logger would freeze the logging configuration
         # in force now, and callers (and capture_logs) may configure structlog later.
         self._log = structlog.get_logger("cprfsm")
@@ -125,7 +129,29 @@ class VirtualMachine:
 
     def can(self, command: str, **arguments: Any) -> Verdict:
         """Would QEMU accept ``command`` now?  The verdict, without acting."""
-        return check(self._config(**arguments), command, model=self._model, walk=False)
+        state = self._state
+        key = (
+            command,
+            self._model.version,
+            state.mode,
+            state.capabilities,
+            state.parameters,
+            state.runstate,
+            state.was_suspended,
+            state.outgoing_status,
+            state.incoming,
+            state.devices,
+            state.memory,
+            state.aux_ram_share,
+            tuple(sorted((name, _hashable(value)) for name, value in arguments.items())),
+        )
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            if len(self._verdicts) >= _VERDICT_CACHE:
+                self._verdicts.clear()
+            verdict = check(self._config(**arguments), command, model=self._model, walk=False)
+            self._verdicts[key] = verdict
+        return verdict
 
     # --- process and host -------------------------------------------------------------
 
@@ -490,7 +516,7 @@ class VirtualMachine:
 
     def _decide(self, command: str, **overrides: Any) -> Verdict:
         self._require_qemu(command)
-        verdict = check(self._config(**overrides), command, model=self._model, walk=False)
+        verdict = self.can(command, **overrides)
         if verdict.first is not None and verdict.first.aborts:
             self._log.info(
                 "transition.abort-predicted", vm=self._vm, command=command, error=verdict.error
@@ -708,6 +734,14 @@ class VirtualMachine:
             self._record(
                 "migrate-incoming", ev.RunstateSet(runstate=header.runstate, was_suspended=flag)
             )
+
+
+def _hashable(value: object) -> object:
+    if isinstance(value, dict):
+        return tuple(sorted(value.items()))
+    if isinstance(value, set | list):
+        return frozenset(value)
+    return value
 
 
 def _on(value: bool) -> str:  # noqa: FBT001 - QEMU's on/off spelling
