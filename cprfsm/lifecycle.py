@@ -23,7 +23,16 @@ if TYPE_CHECKING:
     from cprfsm.events import Event
     from cprfsm.store import EventStore
 
-__all__ = ["PHASES", "LogMismatchError", "StateFile", "VmState", "rebuild", "replay"]
+__all__ = [
+    "PHASES",
+    "LogMismatchError",
+    "StateFile",
+    "VmState",
+    "phase_diagram",
+    "phase_of",
+    "rebuild",
+    "replay",
+]
 
 #: The card's five lifecycle phases, the projection of the faithful state.
 PHASES: Final = ("running", "suspended", "stopped", "saved", "incoming")
@@ -86,13 +95,7 @@ class VmState:
         """The lifecycle phase: running, suspended, stopped, saved or incoming."""
         if self.runstate is None:
             return "saved" if self.current_save is not None else "stopped"
-        if self.runstate == "inmigrate":
-            return "incoming"
-        if self.runstate == "postmigrate":
-            return "saved"
-        if self.runstate in {"running", "suspended"}:
-            return self.runstate
-        return "stopped"
+        return phase_of(self.runstate)
 
     def state_file(self, uri: str) -> StateFile | None:
         """The complete stream at ``uri``, if one exists."""
@@ -141,6 +144,42 @@ class VmState:
                 f"snapshot of {data.get('vm')!r} is not a cprfsm VM state ({exc}); "
                 "delete the snapshot and replay the full log"
             ) from None
+
+
+def phase_of(runstate: str) -> str:
+    """The phase of a QEMU process in ``runstate``."""
+    if runstate == "inmigrate":
+        return "incoming"
+    if runstate == "postmigrate":
+        return "saved"
+    if runstate in {"running", "suspended"}:
+        return runstate
+    return "stopped"
+
+
+def phase_diagram(qemu: str | None = None) -> str:
+    """Mermaid source of the five phases and the moves between them in one release.
+
+    Phase moves come from the release's runstate table, plus the process-level
+    ones: starting QEMU (running, stopped with -S, incoming with -incoming) and
+    quitting it (saved if a save is current, else stopped).
+    """
+    model = load_model(qemu)
+    edges = {
+        (phase_of(old), phase_of(new))
+        for old, new in model.runstate_transitions
+        if phase_of(old) != phase_of(new)
+    }
+    lines = [f"%% QEMU {model.version}", "stateDiagram-v2"]
+    lines += [f"    {old} --> {new}" for old, new in sorted(edges)]
+    lines += [
+        "    [*] --> running: start",
+        "    [*] --> stopped: start -S",
+        "    [*] --> incoming: start -incoming defer",
+        "    saved --> [*]: quit",
+        "    stopped --> [*]: quit",
+    ]
+    return "\n".join(lines)
 
 
 def _jsonable(_: object, __: object, value: Any) -> Any:

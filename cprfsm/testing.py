@@ -15,6 +15,7 @@ This module imports pytest; ``import cprfsm`` never imports it.
 from __future__ import annotations
 
 import abc
+import contextlib
 import itertools
 import math
 import multiprocessing
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import pytest
+import structlog.testing
 
 from cprfsm.events import Event, EventRegistry
 from cprfsm.exceptions import DuplicateEventIdError, StoreError, UsageError, VersionConflict
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
     from cprfsm.store import EventStore
 
-__all__ = ["EventStoreContract"]
+__all__ = ["EventStoreContract", "capture_transitions"]
 
 _registry = EventRegistry()
 _STREAM = "vm-1"
@@ -412,3 +414,19 @@ def _append_batches_forever(contract: type[EventStoreContract], path: str, start
         events = [_Counted(writer=str(batch), n=n) for n in range(_KILL_BATCH)]
         version = store.append(_STREAM, events, expected_version=version)
         started.set()
+
+
+@contextlib.contextmanager
+def capture_transitions() -> Iterator[list[dict[str, Any]]]:
+    """Collect cprfsm's ``transition.*`` log events (as dicts) logged in the block.
+
+    The list is filled when the block ends.  A thin filter over
+    :func:`structlog.testing.capture_logs`, for tests and notebooks: the
+    library itself never configures logging.
+    """
+    collected: list[dict[str, Any]] = []
+    with structlog.testing.capture_logs() as logs:
+        yield collected
+    collected.extend(
+        dict(entry) for entry in logs if str(entry.get("event", "")).startswith("transition.")
+    )

@@ -9,10 +9,11 @@ from structlog.testing import capture_logs
 
 from cprfsm import IllegalTransition, StoreError
 from cprfsm import vm_events as ev
-from cprfsm.lifecycle import rebuild, replay
+from cprfsm.lifecycle import PHASES, phase_diagram, rebuild, replay
 from cprfsm.machine import CommandFailed, QemuAbortPredicted, VirtualMachine
 from cprfsm.ports import RecordingPorts, VmDefinition
 from cprfsm.store import InMemoryStore, SQLiteStore
+from cprfsm.testing import capture_transitions
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -505,6 +506,9 @@ class TestReplay:
             with pytest.raises(IllegalTransition):
                 vm.system_wakeup()
         applied, refused = logs
+        with capture_transitions() as transitions:
+            vm.stop()
+        assert [entry["command"] for entry in transitions] == ["stop"]
         assert applied["event"] == "transition.applied"
         assert (applied["from_state"], applied["to_state"], applied["stream_version"]) == (
             None,
@@ -547,3 +551,17 @@ class TestSnapshots:
         store.save_snapshot("vm", 1, {"hello": "world"})
         with pytest.raises(StoreError, match="replay the full log"):
             rebuild(store, "vm")
+
+
+class TestPhaseDiagram:
+    """The phase diagram is derived from the release's runstate table."""
+
+    def test_moves_follow_the_table(self) -> None:
+        """saved -> running exists (cont); running -> saved does not (it passes stopped)."""
+        diagram = phase_diagram("10.0")
+        assert diagram.startswith("%% QEMU 10.0\nstateDiagram-v2")
+        assert "    saved --> running" in diagram
+        assert "    running --> saved" not in diagram
+        assert "    incoming --> running" in diagram
+        for phase in PHASES:
+            assert phase in diagram
