@@ -55,6 +55,7 @@ class StateFile:
     qemu_version: str
     digest: str
     ram_in_place: tuple[str, ...] = ()
+    ram_digest: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -84,6 +85,8 @@ class VmState:
     current_save: str | None = None
     in_flight: tuple[str, str] | None = None
     last_exit: str = ""
+    # (version, rule) of data-loss hazards reported since the last completed restore.
+    hazards: tuple[tuple[int, str], ...] = ()
 
     @property
     def qemu_running(self) -> bool:
@@ -137,6 +140,7 @@ class VmState:
                     "in_flight": None
                     if fields["in_flight"] is None
                     else tuple(fields["in_flight"]),
+                    "hazards": tuple(tuple(pair) for pair in fields["hazards"]),
                 }
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -352,6 +356,8 @@ def _status(d: Any, e: ev.MigrationStatusReported) -> None:
         d.outgoing_status = e.status
     else:
         d.incoming_status = e.status
+        if e.status == "completed":  # a finished restore settles the hazards before it
+            d.hazards = ()
 
 
 def _operation_started(d: Any, e: ev.OperationStarted) -> None:
@@ -369,6 +375,7 @@ def _written(d: Any, e: ev.StateFileWritten) -> None:
         qemu_version=e.qemu_version,
         digest=e.digest,
         ram_in_place=e.ram_in_place,
+        ram_digest=e.ram_digest,
     )
     d.state_files = (*(f for f in d.state_files if f.uri != e.uri), written)
     d.current_save = e.uri
@@ -381,6 +388,11 @@ def _upgraded(d: Any, e: ev.QemuUpgraded) -> None:
 
 def _outcome(d: Any, _: Event) -> None:
     d.in_flight = None
+
+
+def _hazard(d: Any, e: ev.HazardReported) -> None:
+    if e.loses_data:
+        d.hazards = (*d.hazards, (d.version + 1, e.rule))
 
 
 def _no_change(_: Any, __: Event) -> None:
@@ -411,5 +423,6 @@ _FOLD: dict[type[Any], Callable[[Any, Any], None]] = {
     ev.StateFileWritten: _written,
     ev.DeviceStateLoaded: _outcome,
     ev.RamLoaded: _outcome,
-    ev.GuestDataAtRisk: _no_change,
+    ev.HazardReported: _hazard,
+    ev.GuestDataLost: _no_change,
 }

@@ -17,6 +17,7 @@ import structlog
 from cprfsm import vm_events as ev
 from cprfsm._engine import LiveRunstate
 from cprfsm.exceptions import CprFsmError, IllegalTransition, UnknownNameError, UsageError
+from cprfsm.hazards import hazards_of
 from cprfsm.legality import Configuration, MemoryBackend, Reason, Verdict, check
 from cprfsm.lifecycle import VmState, fold, rebuild
 from cprfsm.model import load_model
@@ -86,7 +87,7 @@ class VirtualMachine:
     Every command returns the events it recorded (empty when nothing changed).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only settings of one VM
         self,
         vm: str,
         *,
@@ -94,9 +95,15 @@ class VirtualMachine:
         ports: Ports,
         definition: VmDefinition | None = None,
         qemu: str | None = None,
+        strict: bool = False,
     ) -> None:
-        """Load the VM's log from ``store`` (``qemu`` is the release installed if it is new)."""
+        """Load the VM's log from ``store`` (``qemu`` is the release installed if it is new).
+
+        With ``strict`` a step with a data-loss hazard is refused; by default the
+        hazard is recorded (HazardReported) and the step goes ahead, as QEMU would.
+        """
         self._vm = vm
+        self._strict = strict
         self._store = store
         self._ports = ports
         self._definition = definition or VmDefinition()
@@ -159,16 +166,8 @@ class VirtualMachine:
     def start(self, *, paused: bool = False, incoming: bool = False) -> None:
         """Start QEMU (``-S`` with ``paused``, ``-incoming defer`` with ``incoming``)."""
         self._require_no_qemu("start")
-        saved = self._state.state_file(self._state.current_save or "")
-        if not incoming and saved is not None and saved.ram_in_place:
-            self._record(
-                "start",
-                ev.GuestDataAtRisk(
-                    rule="saved-ram-reused",
-                    detail=f"a fresh boot writes into {', '.join(saved.ram_in_place)}, "
-                    f"which holds the RAM of the save at {saved.uri}",
-                ),
-            )
+        if not incoming:
+            self._guard("start")
         self._ports.host.start_qemu(self._definition)
         runstate = "inmigrate" if incoming else "prelaunch" if paused else "running"
         self._record(
@@ -195,6 +194,7 @@ class VirtualMachine:
     @_command
     def reboot_host(self) -> None:
         """Reboot the host; a running QEMU dies with it, volatile storage is wiped."""
+        self._guard("reboot_host")
         if self._state.qemu_running:
             self._exit("reboot_host", "host-reboot")
         lost = self._ports.host.reboot()
@@ -335,6 +335,7 @@ class VirtualMachine:
                 "cpr-transfer and background snapshots are not modelled yet (use check())"
             )
             raise UsageError(msg)
+        self._guard("migrate", uri=uri, skipped=self._skipped_blocks())
         self._record(
             "migrate",
             ev.MigrationStarted(
@@ -490,6 +491,7 @@ class VirtualMachine:
         except PortError as exc:
             self._fail_incoming(exc.error)
             return
+        self._check_restored_ram(uri)
         self._incoming_runstate(header)
         self._status("migrate-incoming", "incoming", "completed")
 
@@ -639,6 +641,44 @@ class VirtualMachine:
                 ev.RunstateSet(runstate="finish-migrate", was_suspended=state.was_suspended),
             )
 
+    def _guard(self, step: str, **facts: Any) -> None:
+        """Report the step's hazards as events, or (strict) refuse a step that loses data."""
+        found = hazards_of(
+            step,
+            self._state,
+            blocks=self._ports.memory.blocks(),
+            volatile=self._ports.host.volatile,
+            **facts,
+        )
+        losing = [hazard for hazard in found if hazard.loses_data]
+        if self._strict and losing:
+            self._refuse(step, rule=losing[0].rule, error=losing[0].detail, hint=losing[0].hint)
+        for hazard in found:
+            self._record(
+                step,
+                ev.HazardReported(
+                    rule=hazard.rule,
+                    detail=hazard.detail,
+                    hint=hazard.hint,
+                    loses_data=hazard.loses_data,
+                ),
+            )
+
+    def _check_restored_ram(self, uri: str) -> None:
+        """Compare restored RAM with what was saved; a difference is recorded as data lost."""
+        saved = self._state.state_file(uri)
+        if saved is None or not saved.ram_digest:
+            return  # saved by another VM's log: nothing to compare with
+        restored = self._ports.memory.digest()
+        if restored != saved.ram_digest:
+            self._record(
+                "migrate-incoming",
+                ev.GuestDataLost(
+                    detail=f"guest RAM restored from {uri} differs from the RAM that was saved",
+                    hazards=tuple(version for version, _ in self._state.hazards),
+                ),
+            )
+
     def _ram_in_place(self) -> tuple[str, ...]:
         """Paths of the shared RAM files whose content the stream relies on, not holds."""
         skipped = self._skipped_blocks()
@@ -685,6 +725,7 @@ class VirtualMachine:
                 qemu_version=state.qemu_version,
                 digest=stream.digest,
                 ram_in_place=self._ram_in_place(),
+                ram_digest=self._ports.memory.digest(),
             ),
         )
         self._status("migrate", "outgoing", "completed")

@@ -121,6 +121,9 @@ class MemoryPort(Protocol):
     def load(self, reader: StreamReader, skip: frozenset[str]) -> Transfer:
         """Read every block not in ``skip``; skipped blocks keep what they hold."""
 
+    def digest(self) -> str:
+        """A digest of all guest RAM as it is now."""
+
 
 class DevicePort(Protocol):
     """The guest's device state."""
@@ -153,6 +156,9 @@ class HostPort(Protocol):
 
     def reboot(self) -> tuple[str, ...]:
         """Reboot; return the artefacts (URIs, RAM file paths) that did not survive."""
+
+    def volatile(self, path: str) -> bool:
+        """Whether ``path`` is on a filesystem a reboot wipes (tmpfs)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -287,6 +293,14 @@ class RecordingPorts:
                 path=settings.get("path", f"/var/lib/cprfsm/{name}") if kind == "file" else None,
             ),
         )
+
+    def volatile(self, path: str) -> bool:
+        """Paths under /dev/shm, /tmp and /run are volatile here."""
+        return _volatile(path)
+
+    def digest(self) -> str:
+        """A digest of every block's token."""
+        return _digest(self.ram[name] for name in sorted(self.ram))
 
     def write_guest(self, token: bytes) -> None:
         """The guest writes ``token`` into every RAM block."""

@@ -17,10 +17,11 @@ __all__ = [
     "CapabilitiesSet",
     "DeviceStateLoaded",
     "DeviceStateSaved",
-    "GuestDataAtRisk",
+    "GuestDataLost",
     "GuestReset",
     "GuestSuspended",
     "GuestWokeUp",
+    "HazardReported",
     "HostRebooted",
     "IncomingStarted",
     "MigrationStarted",
@@ -236,15 +237,27 @@ class StateFileWritten(Event):
     qemu_version: str
     digest: str
     ram_in_place: tuple[str, ...] = ()
+    ram_digest: str = ""
 
 
-@event("guest-data.at-risk")
+@event("hazard.reported")
 @attrs.frozen(kw_only=True)
-class GuestDataAtRisk(Event):
-    """Before a step that can lose saved guest data: which rule, and what is at stake."""
+class HazardReported(Event):
+    """Before a step that can lose guest data (or cost more than expected): what and why."""
 
     rule: str
     detail: str
+    hint: str
+    loses_data: bool
+
+
+@event("guest-data.lost")
+@attrs.frozen(kw_only=True)
+class GuestDataLost(Event):
+    """After a restore: guest RAM differs from what was saved; ``hazards`` are their versions."""
+
+    detail: str
+    hazards: tuple[int, ...]
 
 
 @event("device-state.loaded")

@@ -392,15 +392,18 @@ class TestDataAtRisk:
         vm.migrate(STATE_URI)
         vm.quit()
         events = vm.start()
-        assert isinstance(events[0], ev.GuestDataAtRisk)
+        assert isinstance(events[0], ev.HazardReported)
         assert events[0].rule == "saved-ram-reused"
         assert "/mnt/pmem/guest-ram" in events[0].detail
+        hazard_version = vm.state.version - 1
         ports.write_guest(b"new boot")
         vm.quit()
         vm.start(incoming=True)
         vm.set_capabilities({"x-ignore-shared": True})
-        vm.migrate_incoming(STATE_URI)
+        restored = vm.migrate_incoming(STATE_URI)
         assert ports.ram == {"ram0": b"new boot"}
+        lost = next(e for e in restored if isinstance(e, ev.GuestDataLost))
+        assert lost.hazards == (hazard_version,)
 
     def test_no_warning_when_the_stream_holds_the_ram(self, store: EventStore) -> None:
         """Without x-ignore-shared the stream has the RAM, so a fresh boot risks nothing."""
@@ -408,7 +411,60 @@ class TestDataAtRisk:
         vm.start()
         vm.migrate(STATE_URI)
         vm.quit()
-        assert not any(isinstance(e, ev.GuestDataAtRisk) for e in vm.start())
+        assert not any(isinstance(e, ev.HazardReported) for e in vm.start())
+
+    def test_volatile_ram_file_and_reboot(self, store: EventStore) -> None:
+        """x-ignore-shared on a tmpfs RAM file: reported at migrate and reboot, lost at restore."""
+        vm, ports = machine(store, memory="file,share=on,path=/dev/shm/guest-ram")
+        vm.start()
+        ports.write_guest(b"precious")
+        vm.set_parameters(mode="cpr-reboot")
+        vm.set_capabilities({"x-ignore-shared": True})
+        saved = vm.migrate(STATE_URI)
+        assert [e.rule for e in saved if isinstance(e, ev.HazardReported)] == [
+            "ignore-shared-volatile-ram"
+        ]
+        vm.quit()
+        rebooted = vm.reboot_host()
+        assert [e.rule for e in rebooted if isinstance(e, ev.HazardReported)] == [
+            "ignore-shared-volatile-ram"
+        ]
+        vm.start(incoming=True)
+        vm.set_parameters(mode="cpr-reboot")
+        vm.set_capabilities({"x-ignore-shared": True})
+        restored = vm.migrate_incoming(STATE_URI)
+        lost = next(e for e in restored if isinstance(e, ev.GuestDataLost))
+        assert len(lost.hazards) == 2
+        assert vm.state.hazards == ()
+
+    def test_strict_mode_refuses_and_loses_nothing(self, store: EventStore) -> None:
+        """In strict mode the reboot that would lose the RAM is refused; the RAM survives."""
+        ports = RecordingPorts()
+        definition = VmDefinition(memory="file,share=on,path=/dev/shm/guest-ram")
+        vm = VirtualMachine(
+            "vm", store=store, ports=ports.ports(), definition=definition, qemu="10.0", strict=True
+        )
+        vm.start()
+        ports.write_guest(b"precious")
+        vm.set_capabilities({"x-ignore-shared": True})
+        with pytest.raises(IllegalTransition, match="a host reboot wipes"):
+            vm.migrate(STATE_URI)
+        vm.set_capabilities({"x-ignore-shared": False})
+        vm.migrate(STATE_URI)
+        vm.quit()
+        vm.reboot_host()
+        vm.start(incoming=True)
+        vm.migrate_incoming(STATE_URI)
+        assert ports.ram == {"ram0": b"precious"}
+        assert not any(isinstance(r.event, ev.GuestDataLost) for r in store.read("vm"))
+
+    def test_ignore_shared_on_memfd_costs_but_loses_nothing(self, store: EventStore) -> None:
+        """x-ignore-shared on memfd is reported as a cost (the RAM is written anyway)."""
+        vm, _ = machine(store, memory="memfd,share=on")
+        vm.start()
+        vm.set_capabilities({"x-ignore-shared": True})
+        hazards = [e for e in vm.migrate(STATE_URI) if isinstance(e, ev.HazardReported)]
+        assert [(h.rule, h.loses_data) for h in hazards] == [("ignore-shared-not-skipped", False)]
 
 
 class TestSwitchover:

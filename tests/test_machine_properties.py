@@ -126,7 +126,7 @@ class Lifecycle(RuleBasedStateMachine):
         )
         in_place = set(log[save].ram_in_place)  # type: ignore[attr-defined]
         warned = any(
-            isinstance(e, ev.GuestDataAtRisk)
+            (isinstance(e, ev.HazardReported) and e.loses_data)
             or (isinstance(e, ev.HostRebooted) and in_place & set(e.lost))
             for e in log[save + 1 :]
         )
