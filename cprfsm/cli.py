@@ -405,7 +405,7 @@ def _saved(state: VmState) -> str:
     flag = ", was suspended" if saved.was_suspended else ""
     validated = ", ".join(sorted(saved.validated)) or "nothing"
     return (
-        f"{saved.uri} ({saved.bytes} bytes, QEMU {saved.qemu_version}, mode {saved.mode}, "
+        f"{saved.uri} ({saved.bytes_written} bytes, QEMU {saved.qemu_version}, mode {saved.mode}, "
         f"runstate {saved.runstate}{flag}, validates {validated})"
     )
 

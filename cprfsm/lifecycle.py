@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 __all__ = [
     "PHASES",
     "LogMismatchError",
-    "StateFile",
     "VmState",
     "phase_diagram",
     "phase_of",
@@ -40,22 +39,6 @@ PHASES: Final = ("running", "suspended", "stopped", "saved", "incoming")
 
 class LogMismatchError(StoreError):
     """An event log asks for something the model forbids: it was not written by this model."""
-
-
-@attrs.frozen(kw_only=True)
-class StateFile:
-    """A complete migration stream that outlives the QEMU process that wrote it."""
-
-    uri: str
-    bytes: int
-    runstate: str
-    was_suspended: bool
-    mode: str
-    validated: frozenset[str]
-    qemu_version: str
-    digest: str
-    ram_in_place: tuple[str, ...] = ()
-    ram_digest: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -81,7 +64,7 @@ class VmState:
     aux_ram_share: bool = False
     migration: ev.MigrationStarted | None = None
     incoming_uri: str | None = None
-    state_files: tuple[StateFile, ...] = ()
+    state_files: tuple[ev.StateFileWritten, ...] = ()
     current_save: str | None = None
     in_flight: tuple[str, str] | None = None
     last_exit: str = ""
@@ -100,8 +83,8 @@ class VmState:
             return "saved" if self.current_save is not None else "stopped"
         return phase_of(self.runstate)
 
-    def state_file(self, uri: str) -> StateFile | None:
-        """The complete stream at ``uri``, if one exists."""
+    def state_file(self, uri: str) -> ev.StateFileWritten | None:
+        """The fact that a complete stream exists at ``uri``, if one does."""
         return next((f for f in self.state_files if f.uri == uri), None)
 
     def to_json(self) -> dict[str, Any]:
@@ -128,7 +111,7 @@ class VmState:
                         **{**migration, "capabilities": frozenset(migration["capabilities"])}
                     ),
                     "state_files": tuple(
-                        StateFile(
+                        ev.StateFileWritten(
                             **{
                                 **f,
                                 "validated": frozenset(f["validated"]),
@@ -365,19 +348,7 @@ def _operation_started(d: Any, e: ev.OperationStarted) -> None:
 
 
 def _written(d: Any, e: ev.StateFileWritten) -> None:
-    written = StateFile(
-        uri=e.uri,
-        bytes=e.bytes_written,
-        runstate=e.runstate,
-        was_suspended=e.was_suspended,
-        mode=e.mode,
-        validated=e.validated,
-        qemu_version=e.qemu_version,
-        digest=e.digest,
-        ram_in_place=e.ram_in_place,
-        ram_digest=e.ram_digest,
-    )
-    d.state_files = (*(f for f in d.state_files if f.uri != e.uri), written)
+    d.state_files = (*(f for f in d.state_files if f.uri != e.uri), e)
     d.current_save = e.uri
     d.in_flight = None
 

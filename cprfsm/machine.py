@@ -223,9 +223,7 @@ class VirtualMachine:
             return
         if state.runstate in {"running", "suspended"}:
             return
-        live_suspend = "suspended" in self._model.live_runstates
-        target = "suspended" if state.was_suspended and live_suspend else "running"
-        self._record("cont", ev.VmResumed(runstate=target))
+        self._record("cont", ev.VmResumed(runstate=self._resume_target()))
 
     @_command
     def stop(self) -> None:
@@ -734,6 +732,11 @@ class VirtualMachine:
             ev.RunstateSet(runstate="postmigrate", was_suspended=self._state.was_suspended),
         )
 
+    def _resume_target(self) -> str:
+        """QEMU's vm_start: back to suspended if the guest was suspended (9.0+), else running."""
+        live_suspend = "suspended" in self._model.live_runstates
+        return "suspended" if self._state.was_suspended and live_suspend else "running"
+
     def _compensate(self, command: str, status: str, error: str) -> None:
         """Put the VM back as QEMU does after a failed or cancelled migration."""
         self._status(command, "outgoing", status, error)
@@ -742,9 +745,7 @@ class VirtualMachine:
         if plan is None or state.runstate != "finish-migrate":
             return
         if plan.runstate in self._model.live_runstates:
-            live_suspend = "suspended" in self._model.live_runstates
-            target = "suspended" if state.was_suspended and live_suspend else "running"
-            self._record(command, ev.VmResumed(runstate=target))
+            self._record(command, ev.VmResumed(runstate=self._resume_target()))
         elif self._model.may_change_runstate("finish-migrate", plan.runstate):
             self._record(
                 command, ev.RunstateSet(runstate=plan.runstate, was_suspended=state.was_suspended)
