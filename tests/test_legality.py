@@ -448,3 +448,36 @@ class TestProperties:
     def test_check_is_pure(self, config: Configuration) -> None:
         """Checking twice gives equal verdicts."""
         assert check(config, model=MODEL) == check(config, model=MODEL)
+
+
+def valid_or_garbage(valid: list[str]) -> st.SearchStrategy[str]:
+    """Mostly valid names (so checks go deep), sometimes any text."""
+    return st.one_of(st.sampled_from(valid), st.text(max_size=16))
+
+
+@given(
+    mode=valid_or_garbage([m.name for m in MODEL.modes]),
+    cap=valid_or_garbage(list(MODEL.capabilities)),
+    runstate=valid_or_garbage(list(MODEL.runstates)),
+    uri=valid_or_garbage(["file:/s", "exec:cat", "unix:/m", "tcp:h:1", "file:"]),
+    device=valid_or_garbage([d.name for d in MODEL.devices] + ["vdi,node=x"]),
+    memory=valid_or_garbage(["ram", "memfd,share=on", "file,share=on,path=/p", "ram,share=on"]),
+    command=valid_or_garbage(["migrate", "cont", "migrate-incoming", "system_wakeup"]),
+)
+def test_garbage_is_a_usage_error_or_a_verdict(  # noqa: PLR0913, PLR0917 - one per field
+    mode: str, cap: str, runstate: str, uri: str, device: str, memory: str, command: str
+) -> None:
+    """Any strings in any field give a Verdict or a UsageError, never another exception."""
+    try:
+        config = Configuration(
+            mode=mode,
+            capabilities={cap},
+            runstate=runstate,
+            uri=uri,
+            devices=(device,),
+            memory=MemoryBackend.parse(memory),
+        )
+        verdict = check(config, command, qemu="10.0")
+    except UsageError:
+        return
+    assert isinstance(verdict.allowed, bool)
