@@ -335,6 +335,12 @@ def _incoming_started(d: Any, e: ev.IncomingStarted) -> None:
 
 
 def _status(d: Any, e: ev.MigrationStatusReported) -> None:
+    old = d.outgoing_status if e.side == "outgoing" else d.incoming_status
+    if not load_model(d.qemu_version).may_change_status(e.side, old, e.status):
+        raise LogMismatchError(
+            f"event {d.version + 1} moves the {e.side} migration status {old} -> {e.status}, "
+            f"which QEMU {d.qemu_version} never does"
+        )
     if e.side == "outgoing":
         d.outgoing_status = e.status
     else:

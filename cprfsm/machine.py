@@ -701,7 +701,8 @@ class VirtualMachine:
     def _switch_over(self, writer: StreamWriter) -> None:
         state = self._state
         uri = state.migration.uri if state.migration else ""
-        self._status("migrate", "outgoing", "device")
+        if self._model.may_change_status("outgoing", state.outgoing_status, "device"):
+            self._status("migrate", "outgoing", "device")
         devices = self._operate(
             "migrate", "devices.save", uri, lambda: self._ports.devices.save(writer)
         )

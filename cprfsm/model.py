@@ -157,6 +157,8 @@ class QemuModel:
     runstate_transitions: frozenset[tuple[str, str]]
     migration_statuses: tuple[str, ...]
     running_statuses: frozenset[str]
+    outgoing_status_transitions: frozenset[tuple[str, str]]
+    incoming_status_transitions: frozenset[tuple[str, str]]
     modes: tuple[Mode, ...]
     capabilities: tuple[str, ...]
     parameters: tuple[Parameter, ...]
@@ -185,6 +187,15 @@ class QemuModel:
     def rules_for(self, command: str) -> tuple[Rule, ...]:
         """The rules that can refuse ``command``, in QEMU's evaluation order."""
         return tuple(rule for rule in self.rules if command in rule.commands)
+
+    def may_change_status(self, side: str, old: str, new: str) -> bool:
+        """Whether QEMU moves the ``outgoing`` or ``incoming`` migration status from old to new."""
+        table = (
+            self.outgoing_status_transitions
+            if side == "outgoing"
+            else self.incoming_status_transitions
+        )
+        return old == new or (old, new) in table
 
     def may_change_runstate(self, old: str, new: str) -> bool:
         """Whether QEMU's runstate table lets ``old`` become ``new`` (self-changes always can)."""
@@ -268,6 +279,8 @@ class _Document:
     transitions: tuple[tuple[_Span, str, str], ...]
     statuses: tuple[tuple[_Span, str], ...]
     running_statuses: frozenset[str]
+    outgoing_edges: tuple[tuple[_Span, str, str], ...]
+    incoming_edges: tuple[tuple[_Span, str, str], ...]
     modes: tuple[tuple[_Span, Mode], ...]
     capabilities: tuple[tuple[_Span, str], ...]
     parameters: tuple[tuple[_Span, Parameter], ...]
@@ -294,6 +307,7 @@ class _Document:
         def live(entries: tuple[tuple[_Span, object], ...]) -> Iterator[object]:
             return (value for span, value in entries if span.covers(key))
 
+        statuses = frozenset(str(v) for v in live(self.statuses))
         return QemuModel(
             version=version,
             path=self.path,
@@ -307,6 +321,8 @@ class _Document:
             ),
             migration_statuses=tuple(str(v) for v in live(self.statuses)),
             running_statuses=self.running_statuses,
+            outgoing_status_transitions=_live_edges(self.outgoing_edges, key, statuses),
+            incoming_status_transitions=_live_edges(self.incoming_edges, key, statuses),
             modes=tuple(m for m in live(self.modes) if isinstance(m, Mode)),
             capabilities=tuple(str(c) for c in live(self.capabilities)),
             parameters=tuple(p for p in live(self.parameters) if isinstance(p, Parameter)),
@@ -319,6 +335,17 @@ class _Document:
             host_facts=self.host_facts,
             rules=tuple(r for r in live(self.rules) if isinstance(r, Rule)),
         )
+
+
+def _live_edges(
+    edges: tuple[tuple[_Span, str, str], ...], key: tuple[int, int], names: frozenset[str]
+) -> frozenset[tuple[str, str]]:
+    """The edges of one release between names that exist in it."""
+    return frozenset(
+        (old, new)
+        for span, old, new in edges
+        if span.covers(key) and old in names and new in names
+    )
 
 
 @functools.cache
@@ -339,6 +366,7 @@ _TOP_KEYS = frozenset(
         "runstates",
         "runstate_transitions",
         "migration_statuses",
+        "migration_status_transitions",
         "modes",
         "capabilities",
         "parameters",
@@ -365,6 +393,9 @@ def _parse_document(root: Node) -> _Document:
     runstates = _parse_runstates(top["runstates"])
     runstate_names = frozenset(name for _, name, _ in runstates)
     statuses, running = _parse_statuses(top["migration_statuses"])
+    status_edges = _parse_status_transitions(
+        top["migration_status_transitions"], frozenset(name for _, name in statuses)
+    )
     capabilities = tuple(_versioned_names(top["capabilities"], "capability"))
     parameters = _parse_parameters(top["parameters"])
     transports = _parse_transports(top["transports"])
@@ -399,6 +430,8 @@ def _parse_document(root: Node) -> _Document:
         transitions=_parse_transitions(top["runstate_transitions"], runstate_names),
         statuses=statuses,
         running_statuses=running,
+        outgoing_edges=status_edges["outgoing"],
+        incoming_edges=status_edges["incoming"],
         modes=modes,
         capabilities=capabilities,
         parameters=parameters,
@@ -463,10 +496,15 @@ def _parse_transitions(
     node: Node, runstates: frozenset[str]
 ) -> tuple[tuple[_Span, str, str], ...]:
     body, _ = _section(node, "runstate_transitions")
+    return _edges(body, runstates, "runstate")
+
+
+def _edges(body: Node, known: frozenset[str], kind: str) -> tuple[tuple[_Span, str, str], ...]:
+    """A ``from: [to, {to:, since:, until:}, ...]`` table, every name checked."""
     result: list[tuple[_Span, str, str]] = []
-    for old, targets in body.items("the runstate table").items():
-        if old not in runstates:
-            body.fail(f"the runstate table names an unknown runstate {old!r}")
+    for old, targets in body.items(f"the {kind} table").items():
+        if old not in known:
+            body.fail(f"the {kind} table names an unknown {kind} {old!r}")
         for target in targets.elements(f"the targets of {old}"):
             if target.is_mapping():
                 fields = target.items(
@@ -476,15 +514,30 @@ def _parse_transitions(
                     target.fail("a versioned target needs to:")
                 new, span, where = fields["to"].text("to"), _span(fields), fields["to"]
             else:
-                new, span, where = target.text("a target runstate"), _Span(), target
-            if new not in runstates:
-                where.fail(f"unknown runstate {new!r} in the targets of {old}")
+                new, span, where = target.text(f"a target {kind}"), _Span(), target
+            if new not in known:
+                where.fail(f"unknown {kind} {new!r} in the targets of {old}")
             if new == old:
                 where.fail(
-                    f"{old} -> {old} needs no entry: a change to the same runstate is a no-op"
+                    f"{old} -> {old} needs no entry: a change to the same {kind} is a no-op"
                 )
             result.append((span, old, new))
     return tuple(result)
+
+
+def _parse_status_transitions(
+    node: Node, statuses: frozenset[str]
+) -> dict[str, tuple[tuple[_Span, str, str], ...]]:
+    fields = node.items(
+        "migration_status_transitions", allowed=frozenset({"source", "outgoing", "incoming"})
+    )
+    for side in ("outgoing", "incoming"):
+        if side not in fields:
+            node.fail(f"migration_status_transitions needs {side}")
+    return {
+        side: _edges(fields[side], statuses, "migration status")
+        for side in ("outgoing", "incoming")
+    }
 
 
 def _parse_statuses(node: Node) -> tuple[tuple[tuple[_Span, str], ...], frozenset[str]]:

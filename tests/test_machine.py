@@ -525,6 +525,15 @@ class TestReleases:
         assert tags(saved)[1] == "guest.woke-up"
         assert "vm.stopped:finish-migrate" in tags(saved)
 
+    def test_9_0_has_no_device_status_without_pause_before_switchover(
+        self, store: EventStore
+    ) -> None:
+        """Before 10.0 a save goes active -> completed; device only follows pre-switchover."""
+        vm, _ = machine(store, qemu="9.0")
+        vm.start()
+        statuses = [t for t in tags(vm.migrate(STATE_URI)) if t.startswith("migration.status")]
+        assert statuses == ["migration.status:active", "migration.status:completed"]
+
     def test_upgrade_between_quit_and_restart(self, store: EventStore) -> None:
         """A 9.0 save restores on an upgraded 10.0, and the upgrade is refused while QEMU runs."""
         vm, _ = machine(store, qemu="9.0")

@@ -99,6 +99,21 @@ class TestShippedModel:
         assert load_model("8.2").mode("cpr-reboot").stops_vm == "at-switchover"
         assert load_model("9.0").mode("cpr-reboot").stops_vm == "at-connect"
 
+    def test_device_status_at_every_switchover_from_10_0(self) -> None:
+        """10.0 always passes through device; before, active went straight to completed."""
+        old, new = load_model("9.0"), load_model("10.0")
+        assert old.may_change_status("outgoing", "active", "completed")
+        assert not old.may_change_status("outgoing", "active", "device")
+        assert old.may_change_status("outgoing", "pre-switchover", "device")
+        assert new.may_change_status("outgoing", "active", "device")
+        assert not new.may_change_status("outgoing", "active", "completed")
+
+    def test_status_edges_only_between_statuses_of_the_release(self) -> None:
+        """postcopy-recover-setup (9.1) appears in no 9.0 edge."""
+        edges = load_model("9.0").outgoing_status_transitions
+        assert not any("postcopy-recover-setup" in edge for edge in edges)
+        assert ("postcopy-paused", "postcopy-recover") in edges
+
     def test_every_rule_cites_a_source(self) -> None:
         """Every rule names the QEMU file and function it comes from."""
         for version in modelled_releases():
@@ -155,6 +170,11 @@ class TestMalformedModels:
                 "unknown command 'migrate-set-caps'",
             ),
             ('    until: "10.1"', '    until: "ten"', "until must be a QEMU release"),
+            (
+                "    cancelling: [cancelled]",
+                "    cancelling: [canceled]",
+                "unknown migration status 'canceled'",
+            ),
             (
                 "    error: Cannot use COLO with CPR",
                 "    error: Cannot use {device} with CPR",
