@@ -24,15 +24,19 @@ suppress_warnings = ["myst.header"]
 
 def _coverage() -> str:
     lines = [
-        "| release | runstates | runstate pairs | statuses | modes | capabilities | rules |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        (
+            "| release | runstates | runstate pairs | statuses | status changes (out/in) "
+            "| modes | capabilities | rules |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     checked = []
     for version in modelled_releases():
         model = load_model(version)
         lines.append(
             f"| {version} | {len(model.runstates)} | {len(model.runstate_transitions)} "
-            f"| {len(model.migration_statuses)} | {', '.join(m.name for m in model.modes)} "
+            f"| {len(model.migration_statuses)} | {len(model.outgoing_status_transitions)}/"
+            f"{len(model.incoming_status_transitions)} | {', '.join(m.name for m in model.modes)} "
             f"| {len(model.capabilities)} | {len(model.rules)} |"
         )
         checked.append(f"- **{version}**: {model.checked}")
