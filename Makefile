@@ -21,8 +21,9 @@ demo: $(STAMP)
 	@echo '$$ cprfsm check --qemu 10.0 --mode cpr-reboot --device vfio --runstate suspended'
 	@$(VENV)/bin/cprfsm check --qemu 10.0 --mode cpr-reboot --device vfio --runstate suspended
 	@echo
-	@echo '$$ cprfsm check --qemu 10.0 --mode cpr-reboot --memory file,share=on --cap x-ignore-shared --json'
-	@$(VENV)/bin/cprfsm check --qemu 10.0 --mode cpr-reboot --memory file,share=on --cap x-ignore-shared --json
+	@echo
+	@echo '$$ cprfsm demo --suspend --device vfio --cap x-ignore-shared --ram 256M'
+	@$(VENV)/bin/cprfsm demo --suspend --device vfio --cap x-ignore-shared --ram 256M
 
 qemu:
 	bash .ci/install-qemu
@@ -48,6 +49,7 @@ golden: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/bench_simulator.py
 
 clean:
 	rm -rf $(VENV) docs/_build .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+
+import structlog
 
 from cprfsm import vm_events as ev
 from cprfsm.events import default_registry
@@ -47,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
+        _configure_logging(verbose=args.verbose)
         result: int = args.run(args)
     except SystemExit as exc:  # --help and --version end the parse
         return exc.code if isinstance(exc.code, int) else EXIT_ALLOWED
@@ -63,8 +68,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result
 
 
+def _configure_logging(*, verbose: bool) -> None:
+    """The command line is an application: its logs go to stderr, debug only with -v."""
+    level = logging.DEBUG if verbose else logging.WARNING
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cprfsm", description=__doc__)
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log every transition to stderr"
+    )
     commands = parser.add_subparsers(title="commands", required=True, parser_class=_Parser)
     chk = commands.add_parser(
         "check",
@@ -182,7 +199,103 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--json", action="store_true", help="print one JSON object")
     rep.set_defaults(run=_run_replay)
+    demo = commands.add_parser(
+        "demo",
+        help="run a whole cpr-reboot cycle on the simulator, recorded in an SQLite store",
+        description=(
+            "Start a guest on the simulator (real memory, real files), save it with migrate "
+            "in mode cpr-reboot, quit, optionally reboot the host, restore it and compare "
+            "its RAM. Every step is decided by the model and recorded in --store. "
+            "Exit status: 0 restored intact, 1 refused, failed or data lost, 2 usage error."
+        ),
+    )
+    demo.add_argument(
+        "--store",
+        default="cprfsm-demo.sqlite",
+        metavar="PATH",
+        help="the SQLite event store (default ./cprfsm-demo.sqlite)",
+    )
+    demo.add_argument("--ram", default="64M", metavar="SIZE", help="guest RAM (default 64M)")
+    demo.add_argument(
+        "--memory",
+        default="file,share=on",
+        metavar="BACKEND",
+        help="RAM backend as in check; a file backend takes path=PATH "
+        "(tmpfs such as /dev/shm is volatile across a reboot)",
+    )
+    demo.add_argument(
+        "--uri", metavar="URI", help="where the state goes (default: a file beside the store)"
+    )
+    demo.add_argument(
+        "--cap",
+        action="append",
+        default=[],
+        metavar="CAP",
+        help="a migration capability to enable (repeatable)",
+    )
+    demo.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="DEVICE",
+        help="an attached device: vfio, or a disk image format (repeatable)",
+    )
+    demo.add_argument("--suspend", action="store_true", help="suspend the guest first")
+    demo.add_argument(
+        "--reboot", action="store_true", help="reboot the host between quit and restart"
+    )
+    demo.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a step that would lose guest data instead of recording it",
+    )
+    demo.add_argument("--json", action="store_true", help="print one JSON object")
+    demo.set_defaults(run=_run_demo)
     return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from cprfsm.demo import (  # noqa: PLC0415 - the simulator loads only for the demo
+        DemoOptions,
+        default_progress,
+        parse_size,
+        run_demo,
+    )
+
+    options = DemoOptions(
+        store=Path(args.store),
+        ram=parse_size(args.ram),
+        memory=args.memory,
+        uri=args.uri,
+        capabilities=tuple(args.cap),
+        devices=tuple(args.device),
+        suspend=args.suspend,
+        reboot=args.reboot,
+        strict=args.strict,
+    )
+    report = run_demo(options, progress=None if args.json else default_progress())
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(_render_demo(report))
+    ok = report.outcome == "restored" and not report.data_lost
+    return EXIT_ALLOWED if ok else EXIT_REFUSED
+
+
+def _render_demo(report: Any) -> str:
+    lines = [f"cprfsm demo: {report.vm} in {report.store}", "", "timeline:"]
+    lines += [f"  {version:4d}  {tag:28s} {detail}" for version, tag, detail in report.timeline]
+    lines += [
+        "",
+        f"outcome:          {report.outcome}" + (f" ({report.error})" if report.error else ""),
+        f"phase, runstate:  {report.phase}, {report.runstate}",
+        f"state file:       {report.state_file_bytes} bytes",
+        f"save, restore:    {report.save_seconds:.3f} s, {report.restore_seconds:.3f} s",
+        f"RAM digest:       {report.ram_digest_before or '-'} -> {report.ram_digest_after or '-'}",
+        f"hazards:          {', '.join(report.hazards) or 'none'}",
+        f"guest data lost:  {_yes(report.data_lost)}",
+    ]
+    return "\n".join(lines)
 
 
 def _store_arguments(parser: argparse.ArgumentParser) -> None:

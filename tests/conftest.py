@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import pytest
+import structlog
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 from qemu.launcher import EXPECTED_VERSION, qemu_missing_reason, qemu_version
 
 
@@ -30,3 +36,10 @@ def qemu_golden_version(qemu_available: str) -> str:
     if f"version {EXPECTED_VERSION} " not in f"{qemu_available} ":
         _unavailable(f"the golden matrix is for QEMU {EXPECTED_VERSION}, found {qemu_available!r}")
     return qemu_available
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """The command line configures structlog as an application would; undo it after each test."""
+    yield
+    structlog.reset_defaults()
