@@ -284,7 +284,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _render_demo(report: Any) -> str:
     lines = [f"cprfsm demo: {report.vm} in {report.store}", "", "timeline:"]
-    lines += [f"  {version:4d}  {tag:28s} {detail}" for version, tag, detail in report.timeline]
+    lines += [
+        f"  {e.version:4d}  {e.phase:9s} {e.runstate or '-':15s} {e.event:28s} {e.detail}"
+        for e in report.timeline
+    ]
     lines += [
         "",
         f"outcome:          {report.outcome}" + (f" ({report.error})" if report.error else ""),

@@ -17,6 +17,7 @@ import attrs
 
 from cprfsm import vm_events as ev
 from cprfsm.exceptions import IllegalTransition, UsageError
+from cprfsm.lifecycle import fold, initial_state
 from cprfsm.machine import CommandFailed, QemuAbortPredicted, VirtualMachine
 from cprfsm.ports import Ports, StreamHeader, StreamReader, StreamWriter, Transfer, VmDefinition
 from cprfsm.simulator import Simulator
@@ -28,7 +29,14 @@ if TYPE_CHECKING:
 
     from cprfsm.events import Event
 
-__all__ = ["DemoOptions", "DemoReport", "default_progress", "parse_size", "run_demo"]
+__all__ = [
+    "DemoOptions",
+    "DemoReport",
+    "TimelineEntry",
+    "default_progress",
+    "parse_size",
+    "run_demo",
+]
 
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -75,16 +83,22 @@ class DemoReport:
     data_lost: bool
     hazards: tuple[str, ...]
     error: str | None
-    timeline: tuple[tuple[int, str, str], ...]
+    timeline: tuple[TimelineEntry, ...]
 
     def to_json(self) -> dict[str, Any]:
         """The report as the JSON object ``cprfsm demo --json`` prints."""
-        data = attrs.asdict(self)
-        data["timeline"] = [
-            {"version": version, "event": tag, "detail": detail}
-            for version, tag, detail in self.timeline
-        ]
-        return data
+        return attrs.asdict(self)
+
+
+@attrs.frozen(kw_only=True)
+class TimelineEntry:
+    """One recorded event, with the phase and runstate it left the VM in."""
+
+    version: int
+    event: str
+    detail: str
+    phase: str
+    runstate: str | None
 
 
 def run_demo(options: DemoOptions, *, progress: TextIO | None = None) -> DemoReport:
@@ -202,8 +216,25 @@ class _Run:
             data_lost=lost,
             hazards=hazards,
             error=self.error,
-            timeline=tuple((version, type(e).type_tag, _detail(e)) for version, e in log),
+            timeline=_timeline(state.vm, [e for _, e in log]),
         )
+
+
+def _timeline(vm: str, events: list[Event]) -> tuple[TimelineEntry, ...]:
+    state = initial_state(vm)
+    entries = []
+    for event in events:
+        state = fold(state, event)
+        entries.append(
+            TimelineEntry(
+                version=state.version,
+                event=type(event).type_tag,
+                detail=_detail(event),
+                phase=state.phase,
+                runstate=state.runstate,
+            )
+        )
+    return tuple(entries)
 
 
 def _migration_error(events: tuple[Event, ...]) -> str | None:

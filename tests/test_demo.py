@@ -100,9 +100,11 @@ class TestDoneWhen:
         """With --suspend the restore resumes into suspended, then the wakeup runs it."""
         report = demo(tmp_path, devices=("vfio",), suspend=True)
         assert report["outcome"] == "restored"
-        details = [(e["event"], e["detail"]) for e in report["timeline"]]
-        assert ("vm.resumed", "suspended") in details
-        assert details[-1] == ("guest.woke-up", "")
+        details = [(e["event"], e["detail"], e["phase"]) for e in report["timeline"]]
+        assert ("vm.resumed", "suspended", "suspended") in details
+        assert details[-1] == ("guest.woke-up", "", "running")
+        phases = [e["phase"] for e in report["timeline"]]
+        assert {"saved", "incoming", "suspended"} <= set(phases)
         assert report["runstate"] == "running"
 
 
