@@ -23,7 +23,9 @@ def test_notebook_runs(path: Path) -> None:
     ).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert any("text/html" in o.get("data", {}) for o in outputs)
+    assert outputs, "a notebook that shows nothing"
+    if path.name == "legality.ipynb":  # its matrices render as HTML tables
+        assert any("text/html" in o.get("data", {}) for o in outputs)
 
 
 def test_notebooks_exist() -> None:
