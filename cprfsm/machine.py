@@ -397,6 +397,13 @@ class VirtualMachine:
         """QMP ``migrate-continue``: leave pre-switchover and complete the migration."""
         self._require_qemu("migrate-continue")
         status = self._state.outgoing_status
+        if status == "pre-switchover" and self._writer is None:
+            self._refuse(
+                "migrate-continue",
+                rule="stream-lost",
+                error="the migration stream was opened by a controller that is gone",
+                hint="cancel the migration with migrate_cancel and migrate again",
+            )
         if status != "pre-switchover" or self._writer is None:
             self._refuse(
                 "migrate-continue",

@@ -496,6 +496,21 @@ class TestSwitchover:
             "vm.resumed:running",
         ]
 
+    def test_a_reloaded_controller_cannot_continue_but_can_cancel(self, store: EventStore) -> None:
+        """The stream died with the old controller: continue is refused, cancel resumes."""
+        vm, ports = machine(store)
+        vm.start()
+        vm.set_capabilities({"pause-before-switchover": True})
+        vm.migrate(STATE_URI)
+        reloaded = VirtualMachine("vm", store=store, ports=ports.ports(), qemu="10.0")
+        with pytest.raises(IllegalTransition, match="controller that is gone"):
+            reloaded.migrate_continue()
+        reloaded.migrate_cancel()
+        assert (reloaded.state.outgoing_status, reloaded.state.runstate) == (
+            "cancelled",
+            "running",
+        )
+
     def test_continue_needs_pre_switchover(self, store: EventStore) -> None:
         """migrate-continue elsewhere is refused with QEMU's text."""
         vm, _ = machine(store)
