@@ -117,7 +117,8 @@ class Reason:
     """One violated rule: the QMP command that fails, QEMU's exact text, where and why.
 
     ``aborts`` means QEMU does not report an error but aborts, and ``error`` is
-    what it prints as it dies.
+    what it prints as it dies.  An asynchronous failure happens at ``fails_at``:
+    ``setup`` (before the VM stops) or ``completion``.
     """
 
     rule: str
@@ -127,6 +128,7 @@ class Reason:
     source: str
     hint: str
     aborts: bool = False
+    fails_at: str = "setup"
 
     def to_json(self) -> dict[str, Any]:
         """The reason as a JSON-ready dict."""
@@ -264,6 +266,7 @@ def _match(rule: Rule, step: str, facts: Facts) -> Reason | None:
         command=step,
         asynchronous=rule.asynchronous,
         aborts=rule.aborts,
+        fails_at=rule.fails_at,
         error=rule.error.format_map(values),
         source=rule.source.format_map(values),
         hint=rule.hint.format_map(values),

@@ -344,9 +344,12 @@ class VirtualMachine:
                 was_suspended=state.was_suspended,
             ),
         )
-        if verdict.first is not None:  # only an asynchronous failure gets here
-            self._status("migrate", "outgoing", "failed", verdict.first.error)
-            return
+        late_failure = None  # only an asynchronous failure gets past _decide
+        if verdict.first is not None:
+            if verdict.first.fails_at == "setup":
+                self._status("migrate", "outgoing", "failed", verdict.first.error)
+                return
+            late_failure = verdict.first.error
         if state.runstate == "suspended" and "suspended" not in self._model.live_runstates:
             self._record("migrate", ev.GuestWokeUp())  # 8.2 woke the guest first
         header = StreamHeader(
@@ -363,34 +366,42 @@ class VirtualMachine:
         except PortError as exc:
             self._status("migrate", "outgoing", "failed", exc.error)
             raise CommandFailed("migrate", exc.error, tuple(self._batch)) from None
-        stops_at_connect = self._model.mode(state.mode).stops_vm == "at-connect"
         try:
-            if stops_at_connect:
-                self._stop_for_migration()
-            self._status("migrate", "outgoing", "active")
-            skip = self._skipped_blocks()
-            ram = self._operate(
-                "migrate", "ram.save", uri, lambda: self._ports.memory.save(writer, skip)
-            )
-            self._record(
-                "migrate",
-                ev.RamSaved(
-                    bytes_written=ram.bytes,
-                    written=ram.blocks,
-                    skipped=tuple(sorted(skip)),
-                    digest=ram.digest,
-                ),
-            )
-            if not stops_at_connect:
-                self._stop_for_migration()
-            if "pause-before-switchover" in state.capabilities:
-                self._writer = writer
-                self._status("migrate", "outgoing", "pre-switchover")
-                return
-            self._switch_over(writer)
+            self._save(writer, uri, late_failure)
         except PortError as exc:
             writer.abort()
             self._compensate("migrate", "failed", exc.error)
+
+    def _save(self, writer: StreamWriter, uri: str, late_failure: str | None) -> None:
+        """Stop the VM when the mode says, write RAM, then fail, pause or switch over."""
+        state = self._state
+        stops_at_connect = self._model.mode(state.mode).stops_vm == "at-connect"
+        if stops_at_connect:
+            self._stop_for_migration()
+        self._status("migrate", "outgoing", "active")
+        skip = self._skipped_blocks()
+        ram = self._operate(
+            "migrate", "ram.save", uri, lambda: self._ports.memory.save(writer, skip)
+        )
+        self._record(
+            "migrate",
+            ev.RamSaved(
+                bytes_written=ram.bytes,
+                written=ram.blocks,
+                skipped=tuple(sorted(skip)),
+                digest=ram.digest,
+            ),
+        )
+        if not stops_at_connect:
+            self._stop_for_migration()
+        if late_failure is not None:
+            writer.abort()
+            self._compensate("migrate", "failed", late_failure)
+        elif "pause-before-switchover" in state.capabilities:
+            self._writer = writer
+            self._status("migrate", "outgoing", "pre-switchover")
+        else:
+            self._switch_over(writer)
 
     @_command
     def migrate_continue(self) -> None:

@@ -127,7 +127,8 @@ class HostFact:
 class Rule:
     """One legality rule: when it applies, which command refuses, and QEMU's words.
 
-    ``asynchronous`` rules fail a migration after the command succeeded;
+    ``asynchronous`` rules fail a migration after the command succeeded, at
+    ``fails_at`` (``setup``, before the VM stops, or ``completion``);
     ``aborts`` rules predict that QEMU aborts (its runstate table forbids a
     change its own code asks for).  ``capabilities`` are the capabilities the
     condition names; ``line`` is where the rule starts in its model file.
@@ -137,6 +138,7 @@ class Rule:
     commands: tuple[str, ...]
     asynchronous: bool
     aborts: bool
+    fails_at: str
     error: str
     source: str
     hint: str
@@ -680,11 +682,22 @@ def _parse_memory(node: Node) -> tuple[MemoryBackendKind, ...]:
 _RULE_KEYS = frozenset({"id", "command", "when", "error", "source", "hint"})
 
 
+def _fails_at(fields: dict[str, Node]) -> str:
+    if "fails_at" not in fields:
+        return "setup"
+    if "asynchronous" not in fields or not fields["asynchronous"].flag("asynchronous"):
+        fields["fails_at"].fail("fails_at only applies to an asynchronous rule")
+    value = fields["fails_at"].text("fails_at")
+    if value not in {"setup", "completion"}:
+        fields["fails_at"].fail(f"fails_at must be setup or completion, not {value!r}")
+    return value
+
+
 def _parse_rules(node: Node, vocab: Vocabulary) -> tuple[tuple[_Span, Rule], ...]:
     result: list[tuple[_Span, Rule]] = []
     for element in node.elements("rules"):
         fields = element.items(
-            "a rule", allowed=_RULE_KEYS | {"since", "until", "asynchronous", "aborts"}
+            "a rule", allowed=_RULE_KEYS | {"since", "until", "asynchronous", "aborts", "fails_at"}
         )
         missing = sorted(_RULE_KEYS - fields.keys())
         if missing:
@@ -712,6 +725,7 @@ def _parse_rules(node: Node, vocab: Vocabulary) -> tuple[tuple[_Span, Rule], ...
             if "asynchronous" in fields
             else False,
             aborts=fields["aborts"].flag("aborts") if "aborts" in fields else False,
+            fails_at=_fails_at(fields),
             error=fields["error"].text("error"),
             source=fields["source"].text("source"),
             hint=fields["hint"].text("hint"),

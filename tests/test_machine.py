@@ -645,3 +645,24 @@ class TestPhaseDiagram:
         assert "    incoming --> running" in diagram
         for phase in PHASES:
             assert phase in diagram
+
+
+class TestLateFailures:
+    """An asynchronous failure at completion comes after the CPR stop, then RESUME."""
+
+    def test_return_path_on_a_file_fails_after_the_stop(self, store: EventStore) -> None:
+        """return-path to a file: STOP, RAM written, then failed and RESUME (live QEMU order)."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.set_parameters(mode="cpr-reboot")
+        vm.set_capabilities({"return-path": True})
+        events = tags(vm.migrate(STATE_URI))
+        assert events.index("vm.stopped:finish-migrate") < events.index("ram.saved")
+        assert events[-2:] == ["migration.status:failed", "vm.resumed:running"]
+        assert vm.state.current_save is None
+        failed = next(
+            e
+            for e in store.read("vm")
+            if isinstance(e.event, ev.MigrationStatusReported) and e.event.status == "failed"
+        )
+        assert failed.event.error == "Unable to read from file: Bad file descriptor"  # type: ignore[attr-defined]
