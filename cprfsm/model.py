@@ -267,9 +267,6 @@ def _span(fields: dict[str, Node]) -> _Span:
     return span
 
 
-_Versioned = tuple[_Span, object]
-
-
 @attrs.frozen(eq=False)
 class _Document:
     """A parsed model file: every entry with the span of releases it applies to."""
