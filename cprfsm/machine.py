@@ -394,7 +394,9 @@ class VirtualMachine:
         )
         if not stops_at_connect:
             self._stop_for_migration()
-        if late_failure is not None:
+        if late_failure is not None:  # noticed only once the switch-over began
+            if self._model.may_change_status("outgoing", self._state.outgoing_status, "device"):
+                self._status("migrate", "outgoing", "device")
             writer.abort()
             self._compensate("migrate", "failed", late_failure)
         elif "pause-before-switchover" in state.capabilities:
@@ -457,8 +459,10 @@ class VirtualMachine:
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
+        # QEMU restarts the guest while still cancelling; cancelled comes at cleanup.
         self._status("migrate_cancel", "outgoing", "cancelling")
-        self._compensate("migrate_cancel", "cancelled", "")
+        self._put_back("migrate_cancel")
+        self._status("migrate_cancel", "outgoing", "cancelled")
 
     # --- incoming migration --------------------------------------------------------------
 
@@ -757,8 +761,12 @@ class VirtualMachine:
         return "suspended" if self._state.was_suspended and live_suspend else "running"
 
     def _compensate(self, command: str, status: str, error: str) -> None:
-        """Put the VM back as QEMU does after a failed or cancelled migration."""
+        """A failed migration: the status fails first, then the VM is put back."""
         self._status(command, "outgoing", status, error)
+        self._put_back(command)
+
+    def _put_back(self, command: str) -> None:
+        """Put the VM back where it was before the migration stopped it, as QEMU does."""
         state = self._state
         plan = state.migration
         if plan is None or state.runstate != "finish-migrate":

@@ -484,7 +484,7 @@ class TestSwitchover:
         assert (vm.state.outgoing_status, vm.state.runstate) == ("completed", "postmigrate")
 
     def test_cancel_resumes(self, store: EventStore) -> None:
-        """migrate_cancel goes cancelling, cancelled, and resumes the guest."""
+        """migrate_cancel goes cancelling, resumes the guest, then cancelled (live order)."""
         vm, _ = machine(store)
         vm.start()
         vm.set_capabilities({"pause-before-switchover": True})
@@ -492,8 +492,8 @@ class TestSwitchover:
         events = vm.migrate_cancel()
         assert tags(events) == [
             "migration.status:cancelling",
-            "migration.status:cancelled",
             "vm.resumed:running",
+            "migration.status:cancelled",
         ]
 
     def test_a_reloaded_controller_cannot_continue_but_can_cancel(self, store: EventStore) -> None:
@@ -658,7 +658,11 @@ class TestLateFailures:
         vm.set_capabilities({"return-path": True})
         events = tags(vm.migrate(STATE_URI))
         assert events.index("vm.stopped:finish-migrate") < events.index("ram.saved")
-        assert events[-2:] == ["migration.status:failed", "vm.resumed:running"]
+        assert events[-3:] == [
+            "migration.status:device",
+            "migration.status:failed",
+            "vm.resumed:running",
+        ]
         assert vm.state.current_save is None
         failed = next(
             e
