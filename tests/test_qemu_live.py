@@ -200,8 +200,9 @@ def test_normal_migration_stops_only_at_switchover() -> None:
         assert vm.runstate() == "postmigrate"
 
 
-def test_cpr_transfer_hands_the_guest_to_a_new_qemu() -> None:
-    """cpr-transfer over unix sockets: source waits in setup until the destination listens."""
+@contextmanager
+def cpr_transfer_started(capabilities: list[JSON]) -> Iterator[tuple[VM, VM, JSON]]:
+    """An old and a new QEMU after the old one's cpr-transfer migrate; yields (old, new, main)."""
     config = config_for("running", memory="memfd,share=on", aux_ram_share=True)
     with workdir() as directory:
         cpr = unix_channel("cpr", directory / "cpr.sock")
@@ -212,22 +213,28 @@ def test_cpr_transfer_hands_the_guest_to_a_new_qemu() -> None:
             new.start(connect=False)
             wait_until(lambda: unix_listening(directory / "cpr.sock"), 20.0, "cpr")
             old.qmp.execute("migrate-set-parameters", mode="cpr-transfer")
-            old.qmp.execute("migrate-set-capabilities", capabilities=EVENTS_ON)
+            old.qmp.execute("migrate-set-capabilities", capabilities=capabilities)
             old.qmp.execute("migrate", channels=[main, cpr])
             new.connect()
-            assert new.runstate() == "inmigrate"
-            # The destination learnt the mode from the cpr channel, but does not show it.
-            assert new.qmp.execute("query-migrate-parameters")["mode"] == "normal"
-            assert old.migration()["status"] == "setup"
-            assert old.runstate() == "running"
-            new.qmp.execute("migrate-set-capabilities", capabilities=EVENTS_ON)
-            new.qmp.execute("migrate-incoming", channels=[main])
-            assert settle_migration(old, 20.0)["status"] == "completed"
-            new.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "completed", 20.0)
-            assert old.qmp.event_names() == CPR_SAVE
-            assert old.runstate() == "postmigrate"
-            assert new.qmp.event_names() == LOAD_AND_RESUME
-            assert new.runstate() == "running"
+            yield old, new, main
+
+
+def test_cpr_transfer_hands_the_guest_to_a_new_qemu() -> None:
+    """cpr-transfer over unix sockets: source waits in setup until the destination listens."""
+    with cpr_transfer_started(EVENTS_ON) as (old, new, main):
+        assert new.runstate() == "inmigrate"
+        # The destination learnt the mode from the cpr channel, but does not show it.
+        assert new.qmp.execute("query-migrate-parameters")["mode"] == "normal"
+        assert old.migration()["status"] == "setup"
+        assert old.runstate() == "running"
+        new.qmp.execute("migrate-set-capabilities", capabilities=EVENTS_ON)
+        new.qmp.execute("migrate-incoming", channels=[main])
+        assert settle_migration(old, 20.0)["status"] == "completed"
+        new.qmp.wait_event("MIGRATION", lambda e: e["data"]["status"] == "completed", 20.0)
+        assert old.qmp.event_names() == CPR_SAVE
+        assert old.runstate() == "postmigrate"
+        assert new.qmp.event_names() == LOAD_AND_RESUME
+        assert new.runstate() == "running"
 
 
 def test_pause_before_switchover_then_continue() -> None:
@@ -286,23 +293,11 @@ def test_background_snapshot_from_prelaunch_aborts_qemu() -> None:
 
 def test_cpr_transfer_destination_validates_x_ignore_shared() -> None:
     """x-ignore-shared still has to match on a cpr-transfer destination, or it exits(1)."""
-    config = config_for("running", memory="memfd,share=on", aux_ram_share=True)
-    with workdir() as directory:
-        cpr = unix_channel("cpr", directory / "cpr.sock")
-        main = unix_channel("main", directory / "main.sock")
-        incoming = config.with_incoming("defer", dump_json(cpr))
-        with VM(config, directory) as old, VM(incoming, directory, "dest") as new:
-            old.start()
-            new.start(connect=False)
-            wait_until(lambda: unix_listening(directory / "cpr.sock"), 20.0, "cpr")
-            old.qmp.execute("migrate-set-parameters", mode="cpr-transfer")
-            ignore_shared = {"capability": "x-ignore-shared", "state": True}
-            old.qmp.execute("migrate-set-capabilities", capabilities=[ignore_shared])
-            old.qmp.execute("migrate", channels=[main, cpr])
-            new.connect()
-            new.qmp.execute("migrate-incoming", channels=[main])
-            assert wait_until(new.returncode, 20.0, "the destination to exit") == 1
-            assert new.messages()[-2:] == [
-                "Capability x-ignore-shared is off, but received capability is on",
-                "load of migration failed: Invalid argument",
-            ]
+    ignore_shared = {"capability": "x-ignore-shared", "state": True}
+    with cpr_transfer_started([ignore_shared]) as (_, new, main):
+        new.qmp.execute("migrate-incoming", channels=[main])
+        assert wait_until(new.returncode, 20.0, "the destination to exit") == 1
+        assert new.messages()[-2:] == [
+            "Capability x-ignore-shared is off, but received capability is on",
+            "load of migration failed: Invalid argument",
+        ]
