@@ -76,7 +76,9 @@ class Lifecycle(RuleBasedStateMachine):
 
     @precondition(lambda self: self.vm is None)
     @rule(
-        memory=st.sampled_from(MEMORY), vfio=st.booleans(), qemu=st.sampled_from(["9.0", "10.0"])
+        memory=st.sampled_from(MEMORY),
+        vfio=st.booleans(),
+        qemu=st.sampled_from(["8.2", "9.0", "10.0"]),
     )
     def create(self, memory: str, vfio: bool, qemu: str) -> None:
         """Define the VM: its RAM backend, an optional VFIO device, the installed QEMU."""
