@@ -55,7 +55,7 @@ class Vocabulary:
 
 _TRANSPORT_FLAGS = frozenset({"seekable", "multi_channel", "streamable"})
 _MEMORY_FLAGS = frozenset({"shareable", "named_file", "share"})
-_INCOMING = frozenset({"none", "deferred", "started"})
+_INCOMING = frozenset({"none", "deferred", "started", "completed", "wedged"})
 _MIGRATION = frozenset({"running", "idle"})
 _KEYS = frozenset(
     {
@@ -136,8 +136,8 @@ def _compile_key(  # noqa: C901, PLR0911, PLR0912 - one branch per condition key
         running = status == "running"
         return (lambda f: {} if f.migration_running == running else None), frozenset()
     if key == "incoming":
-        incoming = _choice(value, "incoming", _INCOMING)
-        return (lambda f: {} if f.incoming == incoming else None), frozenset()
+        states = _names(value, "incoming state", _INCOMING)
+        return (lambda f: {} if f.incoming in states else None), frozenset()
     if key in {"transport", "memory"}:
         return _attribute_test(key, value, vocab), frozenset()
     if key in {"cpr_channel", "aux_ram_share"}:

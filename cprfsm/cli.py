@@ -132,7 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
     chk.add_argument(
         "--incoming",
         default="none",
-        choices=("none", "deferred", "started"),
+        choices=("none", "deferred", "started", "completed", "wedged"),
         help="-incoming state of this QEMU (default none)",
     )
     chk.add_argument(

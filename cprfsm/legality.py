@@ -25,7 +25,10 @@ __all__ = [
     "check",
 ]
 
-_INCOMING_STATES = ("none", "deferred", "started")
+# -incoming: none (not given), deferred (waiting for migrate-incoming), started
+# (an incoming migration in progress), completed, or wedged (migrate-incoming
+# failed to open its channel; QEMU stays in setup and refuses another one).
+_INCOMING_STATES = ("none", "deferred", "started", "completed", "wedged")
 # RAM region names of the pc machine with SeaBIOS: plain `-m` memory, and the
 # last implicit RAM block QEMU creates (so its CPR blocker is the newest).
 _DEFAULT_RAM_REGION = "pc.ram"

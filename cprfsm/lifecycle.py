@@ -68,7 +68,7 @@ class VmState:
     current_save: str | None = None
     in_flight: tuple[str, str] | None = None
     last_exit: str = ""
-    # (version, rule) of data-loss hazards reported since the last completed restore.
+    # (version, rule) of data-loss hazards reported since the last save began.
     hazards: tuple[tuple[int, str], ...] = ()
 
     @property
@@ -326,6 +326,7 @@ def _capabilities(d: Any, e: ev.CapabilitiesSet) -> None:
 def _migration_started(d: Any, e: ev.MigrationStarted) -> None:
     d.migration = e
     d.outgoing_status = "setup"
+    d.hazards = ()  # a new save: earlier hazards were about the earlier save
 
 
 def _incoming_started(d: Any, e: ev.IncomingStarted) -> None:
@@ -345,8 +346,6 @@ def _status(d: Any, e: ev.MigrationStatusReported) -> None:
         d.outgoing_status = e.status
     else:
         d.incoming_status = e.status
-        if e.status == "completed":  # a finished restore settles the hazards before it
-            d.hazards = ()
 
 
 def _operation_started(d: Any, e: ev.OperationStarted) -> None:
@@ -365,6 +364,12 @@ def _upgraded(d: Any, e: ev.QemuUpgraded) -> None:
 
 def _outcome(d: Any, _: Event) -> None:
     d.in_flight = None
+
+
+def _failed(d: Any, e: ev.OperationFailed) -> None:
+    d.in_flight = None
+    if e.operation == "channel.open" and d.incoming == "started" and d.incoming_status == "setup":
+        d.incoming = "wedged"  # QEMU stays in setup and refuses another migrate-incoming
 
 
 def _hazard(d: Any, e: ev.HazardReported) -> None:
@@ -394,7 +399,7 @@ _FOLD: dict[type[Any], Callable[[Any, Any], None]] = {
     ev.IncomingStarted: _incoming_started,
     ev.MigrationStatusReported: _status,
     ev.OperationStarted: _operation_started,
-    ev.OperationFailed: _outcome,
+    ev.OperationFailed: _failed,
     ev.DeviceStateSaved: _outcome,
     ev.RamSaved: _outcome,
     ev.StateFileWritten: _written,

@@ -17,7 +17,7 @@ import structlog
 from cprfsm import vm_events as ev
 from cprfsm._engine import LiveRunstate
 from cprfsm.exceptions import CprFsmError, IllegalTransition, UnknownNameError, UsageError
-from cprfsm.hazards import hazards_of
+from cprfsm.hazards import Hazard, hazards_of
 from cprfsm.legality import Configuration, MemoryBackend, Reason, Verdict, check
 from cprfsm.lifecycle import VmState, fold, rebuild
 from cprfsm.model import load_model
@@ -147,6 +147,7 @@ class VirtualMachine:
             state.was_suspended,
             state.outgoing_status,
             state.incoming,
+            state.incoming_status,
             state.devices,
             state.memory,
             state.aux_ram_share,
@@ -333,7 +334,7 @@ class VirtualMachine:
                 "cpr-transfer and background snapshots are not modelled yet (use check())"
             )
             raise UsageError(msg)
-        self._guard("migrate", uri=uri, skipped=self._skipped_blocks())
+        hazards = self._hazards("migrate", uri=uri, skipped=self._skipped_blocks())
         self._record(
             "migrate",
             ev.MigrationStarted(
@@ -344,6 +345,8 @@ class VirtualMachine:
                 was_suspended=state.was_suspended,
             ),
         )
+        # After MigrationStarted, which opens a new save's account of hazards.
+        self._report("migrate", hazards)
         late_failure = None  # only an asynchronous failure gets past _decide
         if verdict.first is not None:
             if verdict.first.fails_at == "setup":
@@ -526,7 +529,9 @@ class VirtualMachine:
             "runstate": state.runstate or "prelaunch",
             "was_suspended": state.was_suspended,
             "migration": state.outgoing_status,
-            "incoming": state.incoming,
+            "incoming": "completed"
+            if state.incoming == "started" and state.incoming_status == "completed"
+            else state.incoming,
             "devices": state.devices or self._definition.devices,
             "memory": MemoryBackend.parse(
                 state.memory if state.qemu_running else self._definition.memory
@@ -663,6 +668,10 @@ class VirtualMachine:
 
     def _guard(self, step: str, **facts: Any) -> None:
         """Report the step's hazards as events, or (strict) refuse a step that loses data."""
+        self._report(step, self._hazards(step, **facts))
+
+    def _hazards(self, step: str, **facts: Any) -> tuple[Hazard, ...]:
+        """The step's hazards; in strict mode a data-losing one refuses the step here."""
         found = hazards_of(
             step,
             self._state,
@@ -673,6 +682,9 @@ class VirtualMachine:
         losing = [hazard for hazard in found if hazard.loses_data]
         if self._strict and losing:
             self._refuse(step, rule=losing[0].rule, error=losing[0].detail, hint=losing[0].hint)
+        return found
+
+    def _report(self, step: str, found: tuple[Hazard, ...]) -> None:
         for hazard in found:
             self._record(
                 step,

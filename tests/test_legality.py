@@ -94,7 +94,7 @@ CASES: dict[str, tuple[str, Configuration, Configuration]] = {
     "multifd-after-incoming": (
         "migrate-set-capabilities",
         caps("multifd", runstate="inmigrate", incoming="started"),
-        caps("multifd", **INCOMING),
+        caps("multifd", runstate="running", incoming="completed"),
     ),
     "multifd-vs-compress": (
         "migrate-set-capabilities",
@@ -242,6 +242,11 @@ CASES: dict[str, tuple[str, Configuration, Configuration]] = {
     "incoming-needs-defer": (
         "migrate-incoming",
         Configuration(runstate="running"),
+        Configuration(**INCOMING),  # type: ignore[arg-type]
+    ),
+    "incoming-wedged": (
+        "migrate-incoming",
+        Configuration(runstate="inmigrate", incoming="wedged"),
         Configuration(**INCOMING),  # type: ignore[arg-type]
     ),
     "incoming-already-started": (

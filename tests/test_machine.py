@@ -296,6 +296,18 @@ class TestFailures:
         vm.migrate_incoming(STATE_URI)
         assert vm.state.runstate == "running"
 
+    def test_after_a_restore(self, store: EventStore) -> None:
+        """A restored QEMU refuses another migrate-incoming but accepts multifd again."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.migrate(STATE_URI)
+        vm.quit()
+        vm.start(incoming=True)
+        vm.migrate_incoming(STATE_URI)
+        with pytest.raises(IllegalTransition, match="already been started"):
+            vm.migrate_incoming(STATE_URI)
+        assert tags(vm.set_capabilities({"multifd": True})) == ["migration.capabilities-set"]
+
     def test_destination_with_minus_s_ends_paused(self, store: EventStore) -> None:
         """With -S the destination ends paused; cont then runs it."""
         vm, _ = machine(store)
@@ -337,6 +349,9 @@ class TestFailures:
         with pytest.raises(CommandFailed, match=r"Could not open '/dev/shm/vm\.state'"):
             vm.migrate_incoming("file:/dev/shm/vm.state")
         assert vm.state.incoming_status == "setup"
+        with pytest.raises(IllegalTransition, match="Illegal migration incoming state: setup"):
+            vm.migrate_incoming("file:/dev/shm/vm.state")
+        vm.set_capabilities({"multifd": True})  # the wedged incoming never started
 
     def test_failure_from_debug_predicts_an_abort(self, store: EventStore) -> None:
         """Going back from finish-migrate to debug is outside QEMU's table: QEMU aborts."""
@@ -435,6 +450,9 @@ class TestDataAtRisk:
         restored = vm.migrate_incoming(STATE_URI)
         lost = next(e for e in restored if isinstance(e, ev.GuestDataLost))
         assert len(lost.hazards) == 2
+        assert [version for version, _ in vm.state.hazards] == list(lost.hazards)
+        vm.set_capabilities({"x-ignore-shared": False})
+        vm.migrate(STATE_URI)  # a new save starts a new account of hazards
         assert vm.state.hazards == ()
 
     def test_strict_mode_refuses_and_loses_nothing(self, store: EventStore) -> None:
