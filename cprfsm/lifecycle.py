@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from cprfsm.events import Event
+    from cprfsm.model import QemuModel
     from cprfsm.store import EventStore
 
 __all__ = [
@@ -231,8 +232,8 @@ def _fold_all(state: VmState, events: Iterable[Event]) -> VmState:
 
 
 @functools.cache
-def _table(version: str) -> frozenset[tuple[str, str]]:
-    return load_model(version).runstate_transitions
+def _model(version: str) -> QemuModel:
+    return load_model(version)
 
 
 def _to(draft: Any, runstate: str, event: Event) -> None:
@@ -243,7 +244,7 @@ def _to(draft: Any, runstate: str, event: Event) -> None:
             f"event {draft.version + 1} ({type(event).__name__}) needs a QEMU process, "
             "but none runs at that point of the log"
         )
-    if old != runstate and (old, runstate) not in _table(draft.qemu_version):
+    if old != runstate and not _model(draft.qemu_version).may_change_runstate(old, runstate):
         raise LogMismatchError(
             f"event {draft.version + 1} ({type(event).__name__}) changes the runstate "
             f"{old} -> {runstate}, which QEMU {draft.qemu_version} forbids"
@@ -337,7 +338,7 @@ def _incoming_started(d: Any, e: ev.IncomingStarted) -> None:
 
 def _status(d: Any, e: ev.MigrationStatusReported) -> None:
     old = d.outgoing_status if e.side == "outgoing" else d.incoming_status
-    if not load_model(d.qemu_version).may_change_status(e.side, old, e.status):
+    if not _model(d.qemu_version).may_change_status(e.side, old, e.status):
         raise LogMismatchError(
             f"event {d.version + 1} moves the {e.side} migration status {old} -> {e.status}, "
             f"which QEMU {d.qemu_version} never does"

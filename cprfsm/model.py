@@ -204,6 +204,7 @@ class QemuModel:
         return old == new or (old, new) in self.runstate_transitions
 
 
+@functools.cache
 def default_model_path() -> Path:
     """The shipped model file: inside the installed package, or the checkout's models/."""
     packaged = Path(__file__).with_name("models") / "qemu.yaml"
