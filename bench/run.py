@@ -47,6 +47,7 @@ import structlog
 from transitions import Machine
 
 from cprfsm import vm_events as ev
+from cprfsm._store_sqlite import _SCHEMA
 from cprfsm.lifecycle import VmState, replay
 from cprfsm.machine import VirtualMachine
 from cprfsm.model import load_model
@@ -301,18 +302,7 @@ def _replay_raw(path: Path, count: int) -> float:
 # --- 3. durable appends ----------------------------------------------------------------------
 
 # The store's own table, so that both sides keep the same rows in the same b-trees.
-_TABLE = """
-    CREATE TABLE events (
-        stream_id TEXT NOT NULL,
-        version INTEGER NOT NULL,
-        event_id TEXT NOT NULL UNIQUE,
-        type TEXT NOT NULL,
-        schema_version INTEGER NOT NULL,
-        data TEXT NOT NULL,
-        recorded_at TEXT NOT NULL,
-        PRIMARY KEY (stream_id, version)
-    ) WITHOUT ROWID
-"""
+_TABLE = _SCHEMA[0]
 _INSERT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)"
 
 
