@@ -186,7 +186,9 @@ def _transition_anchor(pairs: int) -> float:
 
 
 def _running_vm() -> VirtualMachine:
-    vm = VirtualMachine(_VM, store=InMemoryStore(), ports=RecordingPorts().ports(), qemu=_QEMU)
+    vm = VirtualMachine(
+        _VM, store=InMemoryStore(), executor=RecordingPorts().executor(), qemu=_QEMU
+    )
     vm.start()
     return vm
 

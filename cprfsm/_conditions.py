@@ -23,6 +23,8 @@ class Facts:
     runstate: str
     suspended: bool
     migration_running: bool
+    migration_status: str
+    process: str
     incoming: str
     transport: Mapping[str, bool | str]
     cpr_channel: bool
@@ -55,6 +57,7 @@ class Vocabulary:
 
 _TRANSPORT_FLAGS = frozenset({"seekable", "multi_channel", "streamable"})
 _MEMORY_FLAGS = frozenset({"shareable", "named_file", "share"})
+_PROCESS = frozenset({"running", "absent"})
 _INCOMING = frozenset({"none", "deferred", "started", "completed", "wedged"})
 _MIGRATION = frozenset({"running", "idle"})
 _KEYS = frozenset(
@@ -68,6 +71,8 @@ _KEYS = frozenset(
         "runstate_cannot_become",
         "suspended",
         "migration",
+        "migration_status_not",
+        "process",
         "incoming",
         "transport",
         "cpr_channel",
@@ -124,7 +129,9 @@ def _compile_key(  # noqa: C901, PLR0911, PLR0912 - one branch per condition key
         return (lambda f: {} if f.runstate in states else None), frozenset()
     if key == "runstate_not":
         others = _names(value, "runstate", vocab.runstates)
-        return (lambda f: None if f.runstate in others else {}), frozenset()
+        return (lambda f: None if f.runstate in others else {"runstate": f.runstate}), frozenset(
+            {"runstate"}
+        )
     if key == "runstate_cannot_become":
         target = _choice(value, "runstate", vocab.runstates)
         return _cannot_become(target), frozenset({"runstate"})
@@ -135,6 +142,14 @@ def _compile_key(  # noqa: C901, PLR0911, PLR0912 - one branch per condition key
         status = _choice(value, "migration", _MIGRATION)
         running = status == "running"
         return (lambda f: {} if f.migration_running == running else None), frozenset()
+    if key == "migration_status_not":
+        statuses = frozenset(name for name, _ in value.texts(key))
+        return (
+            lambda f: None if f.migration_status in statuses else {"status": f.migration_status}
+        ), frozenset({"status"})
+    if key == "process":
+        process = _choice(value, "process", _PROCESS)
+        return (lambda f: {} if f.process == process else None), frozenset()
     if key == "incoming":
         states = _names(value, "incoming state", _INCOMING)
         return (lambda f: {} if f.incoming in states else None), frozenset()

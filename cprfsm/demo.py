@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import attrs
 
 from cprfsm import vm_events as ev
+from cprfsm._qemu import SimulatedQemu
 from cprfsm.exceptions import IllegalTransition, UsageError
 from cprfsm.lifecycle import fold, initial_state
 from cprfsm.machine import CommandFailed, QemuAbortPredicted, VirtualMachine
@@ -116,7 +117,11 @@ def run_demo(options: DemoOptions, *, progress: TextIO | None = None) -> DemoRep
             vm = VirtualMachine(
                 vm_id,
                 store=store,
-                ports=_with_progress(simulator.ports(), progress),
+                executor=SimulatedQemu(
+                    _with_progress(simulator.ports(), progress),
+                    volatile=simulator.ports().host.volatile,
+                    closing=simulator.close,
+                ),
                 definition=definition,
                 strict=options.strict,
             )

@@ -96,6 +96,7 @@ class Configuration:
     capabilities: frozenset[str] = attrs.field(default=frozenset(), converter=_name_set)
     parameters: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_mapping)
     runstate: str = "running"
+    process: str = "running"
     was_suspended: bool = False
     migration: str = "none"
     incoming: str = "none"
@@ -283,6 +284,7 @@ def _facts(model: QemuModel, config: Configuration) -> Facts:
     _known("runstate", (config.runstate,), model.runstates, where)
     _known("migration status", (config.migration,), model.migration_statuses, where)
     _known("incoming state", (config.incoming,), _INCOMING_STATES, where)
+    _known("process", (config.process,), ("running", "absent"), where)
     devices = tuple(_device(spec, index) for index, spec in enumerate(config.devices))
     by_name = {device.name: device for device in model.devices}
     _known("device", (name for name, _ in devices), by_name, where)
@@ -315,6 +317,8 @@ def _facts(model: QemuModel, config: Configuration) -> Facts:
         runstate=config.runstate,
         suspended=config.runstate == "suspended" or config.was_suspended,
         migration_running=config.migration in model.running_statuses,
+        migration_status=config.migration,
+        process=config.process,
         incoming=config.incoming,
         transport=attrs.asdict(transport),
         cpr_channel=config.cpr_channel is not None,

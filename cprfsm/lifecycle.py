@@ -38,6 +38,10 @@ __all__ = [
 PHASES: Final = ("running", "suspended", "stopped", "saved", "incoming")
 
 
+# Statuses a migration rests in: the command that led there has its outcome.
+_SETTLED = frozenset({"completed", "failed", "cancelled", "pre-switchover", "colo"})
+
+
 class LogMismatchError(StoreError):
     """An event log asks for something the model forbids: it was not written by this model."""
 
@@ -196,9 +200,13 @@ def initial_state(vm: str, qemu: str | None = None) -> VmState:
     return VmState(vm=vm, qemu_version=load_model(qemu).version)
 
 
-def fold(state: VmState, event: Event) -> VmState:
-    """The state after one more event; LogMismatchError if the model forbids it."""
-    return _fold_all(state, (event,))
+def fold(state: VmState, event: Event, *, check_runstates: bool = True) -> VmState:
+    """The state after one more event; LogMismatchError if the model forbids it.
+
+    ``check_runstates=False`` leaves runstate changes unchecked, for a caller that
+    moves them through the live transitions machine, which checks them itself.
+    """
+    return _fold_all(state, (event,), check_runstates=check_runstates)
 
 
 _FIELDS = tuple(field.name for field in attrs.fields(VmState))
@@ -207,18 +215,19 @@ _FIELDS = tuple(field.name for field in attrs.fields(VmState))
 class _Draft:
     """A mutable copy of a VmState: events fold into it, and it is frozen once at the end."""
 
-    __slots__ = _FIELDS
+    __slots__ = (*_FIELDS, "check_runstates")
 
-    def __init__(self, state: VmState) -> None:
+    def __init__(self, state: VmState, *, check_runstates: bool = True) -> None:
         for name in _FIELDS:
             setattr(self, name, getattr(state, name))
+        self.check_runstates = check_runstates
 
     def freeze(self) -> VmState:
         return VmState(**{name: getattr(self, name) for name in _FIELDS})
 
 
-def _fold_all(state: VmState, events: Iterable[Event]) -> VmState:
-    draft: Any = _Draft(state)
+def _fold_all(state: VmState, events: Iterable[Event], *, check_runstates: bool = True) -> VmState:
+    draft: Any = _Draft(state, check_runstates=check_runstates)
     for event in events:
         handler = _FOLD.get(type(event))
         if handler is None:
@@ -244,7 +253,11 @@ def _to(draft: Any, runstate: str, event: Event) -> None:
             f"event {draft.version + 1} ({type(event).__name__}) needs a QEMU process, "
             "but none runs at that point of the log"
         )
-    if old != runstate and not _model(draft.qemu_version).may_change_runstate(old, runstate):
+    if (
+        old != runstate
+        and draft.check_runstates
+        and not _model(draft.qemu_version).may_change_runstate(old, runstate)
+    ):
         raise LogMismatchError(
             f"event {draft.version + 1} ({type(event).__name__}) changes the runstate "
             f"{old} -> {runstate}, which QEMU {draft.qemu_version} forbids"
@@ -327,7 +340,8 @@ def _capabilities(d: Any, e: ev.CapabilitiesSet) -> None:
 def _migration_started(d: Any, e: ev.MigrationStarted) -> None:
     d.migration = e
     d.outgoing_status = "setup"
-    d.hazards = ()  # a new save: earlier hazards were about the earlier save
+    if d.in_flight is None or d.in_flight[0] != "migrate":
+        d.hazards = ()  # a new save: earlier hazards were about the earlier save
 
 
 def _incoming_started(d: Any, e: ev.IncomingStarted) -> None:
@@ -347,16 +361,39 @@ def _status(d: Any, e: ev.MigrationStatusReported) -> None:
         d.outgoing_status = e.status
     else:
         d.incoming_status = e.status
+    if e.status in _SETTLED:
+        d.in_flight = None
 
 
 def _operation_started(d: Any, e: ev.OperationStarted) -> None:
     d.in_flight = (e.operation, e.target)
+    if e.operation == "migrate":
+        d.hazards = ()  # a new save: earlier hazards were about the earlier save
 
 
 def _written(d: Any, e: ev.StateFileWritten) -> None:
     d.state_files = (*(f for f in d.state_files if f.uri != e.uri), e)
     d.current_save = e.uri
     d.in_flight = None
+
+
+def _observed(d: Any, e: ev.QemuObserved) -> None:
+    """QEMU's account wins, whatever the table says: it is the truth about itself."""
+    d.in_flight = None
+    if e.runstate is None:
+        if d.runstate is not None:
+            _exited(d, ev.QemuExited(incarnation=d.incarnation, reason="gone", detail=e.detail))
+        return
+    if d.runstate is None:
+        raise LogMismatchError(
+            f"event {d.version + 1} (QemuObserved) reports a QEMU process, "
+            "but none was started at that point of the log"
+        )
+    d.runstate = e.runstate
+    if d.incoming != "none":
+        d.incoming_status = e.status
+    else:
+        d.outgoing_status = e.status
 
 
 def _upgraded(d: Any, e: ev.QemuUpgraded) -> None:
@@ -408,4 +445,6 @@ _FOLD: dict[type[Any], Callable[[Any, Any], None]] = {
     ev.RamLoaded: _outcome,
     ev.HazardReported: _hazard,
     ev.GuestDataLost: _no_change,
+    ev.ModelDiverged: _no_change,
+    ev.QemuObserved: _observed,
 }

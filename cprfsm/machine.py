@@ -1,41 +1,52 @@
 """The live lifecycle controller of one VM: decide, record the intent, act, record the outcome.
 
-Every command is decided by the legality engine first.  A refusal raises
-:class:`~cprfsm.IllegalTransition` and changes nothing: no event, no port call.
-An accepted command appends QEMU's facts to the event store, performs device
-and memory operations through the ports in QEMU's order (the intent recorded
-before, the outcome after), and moves the live runstate through QEMU's table.
+Every command is a trigger of the release's ``transitions`` machine
+(:mod:`cprfsm._engine`).  Its condition is the model's verdict: a refusal
+raises :class:`~cprfsm.IllegalTransition` and changes nothing (no event, no
+executor call).  An accepted command records its intent where it runs long,
+is carried out by the executor, and what QEMU reported is checked against
+the model's prediction and recorded.  Where QEMU reported something else, the
+machine records :class:`~cprfsm.vm_events.ModelDiverged` with both sides and
+adopts QEMU's facts: QEMU is the truth about itself.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self
 
 import structlog
 
 from cprfsm import vm_events as ev
-from cprfsm._engine import LiveRunstate
+from cprfsm._engine import Engine
+from cprfsm._qemu import configuration, predict, report_of, skipped_blocks
 from cprfsm.exceptions import CprFsmError, IllegalTransition, UnknownNameError, UsageError
+from cprfsm.executor import Command, QmpEvent, Report, Transferred, VmDefinition, ram_blocks
 from cprfsm.hazards import Hazard, hazards_of
-from cprfsm.legality import Configuration, MemoryBackend, Reason, Verdict, check
+from cprfsm.legality import Reason, Verdict, check
 from cprfsm.lifecycle import VmState, fold, rebuild
 from cprfsm.model import load_model
-from cprfsm.ports import PortError, Ports, StreamHeader, StreamWriter, VmDefinition
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
     from cprfsm.events import Event
+    from cprfsm.executor import Executor
     from cprfsm.store import EventStore
 
-__all__ = ["CommandFailed", "QemuAbortPredicted", "VirtualMachine"]
+__all__ = [
+    "CommandFailed",
+    "ModelDivergence",
+    "QemuAbortPredicted",
+    "VirtualMachine",
+]
 
-# Capabilities whose value QEMU writes into the stream and checks on load.
-_VALIDATED = frozenset({"x-ignore-shared", "mapped-ram"})
-_STARTS_AGAIN = frozenset({"running", "inmigrate", "finish-migrate"})
 _VERDICT_CACHE = 256
 _INTERRUPTED = "interrupted: the controller stopped before the outcome was recorded"
+# Commands that run long: their intent is recorded before the executor starts them.
+_LONG = frozenset({"migrate", "migrate-continue", "migrate-incoming"})
+# QMP events with no lifecycle meaning of their own; left out of comparisons.
+_UNCOMPARED = frozenset({"MIGRATION_PASS", "RESET"})
 
 
 class CommandFailed(CprFsmError):
@@ -64,6 +75,19 @@ class QemuAbortPredicted(CprFsmError):
         super().__init__(f"{error}: QEMU aborts here, the process is gone")
 
 
+class ModelDivergence(CprFsmError):
+    """QEMU reported facts the model did not predict (raised in strict mode, after recording)."""
+
+    def __init__(self, divergence: ev.ModelDiverged) -> None:
+        """Carry the recorded divergence: the command, what was expected and what QEMU did."""
+        self.divergence = divergence
+        super().__init__(
+            f"{divergence.command}: QEMU reported {', '.join(divergence.observed) or 'nothing'}; "
+            f"the model predicted {', '.join(divergence.expected) or 'nothing'}. "
+            "The log adopted QEMU's facts; report the difference against models/qemu.yaml"
+        )
+
+
 _P = ParamSpec("_P")
 
 
@@ -82,7 +106,7 @@ def _command(
 
 
 class VirtualMachine:
-    """One VM's lifecycle controller over an event store and four ports.
+    """One VM's lifecycle controller over an event store and an executor.
 
     Every command returns the events it recorded (empty when nothing changed).
     """
@@ -92,27 +116,29 @@ class VirtualMachine:
         vm: str,
         *,
         store: EventStore,
-        ports: Ports,
+        executor: Executor,
         definition: VmDefinition | None = None,
         qemu: str | None = None,
         strict: bool = False,
     ) -> None:
         """Load the VM's log from ``store`` (``qemu`` is the release installed if it is new).
 
-        With ``strict`` a step with a data-loss hazard is refused; by default the
-        hazard is recorded (HazardReported) and the step goes ahead, as QEMU would.
+        With ``strict`` a step with a data-loss hazard or a predicted failure is
+        refused, and a divergence from the model raises ModelDivergence once
+        recorded; by default hazards are recorded (HazardReported) and the step
+        goes ahead, as QEMU would.
         """
         self._vm = vm
         self._strict = strict
         self._store = store
-        self._ports = ports
+        self._executor = executor
         self._definition = definition or VmDefinition()
         state = rebuild(store, vm, qemu=qemu)
         self._state = state
         self._model = load_model(state.qemu_version)
-        self._runstate = LiveRunstate(self._model, state.runstate)
-        self._writer: StreamWriter | None = None
+        self._engine = Engine(self._model, state.runstate, self)
         self._batch: list[Event] = []
+        self._refusal: Verdict | None = None
         # Verdicts depend only on the fields in can()'s key, and a VM revisits
         # few of them: deciding stop/cont again costs a dict lookup.
         self._verdicts: dict[tuple[object, ...], Verdict] = {}
@@ -128,7 +154,25 @@ class VirtualMachine:
     @property
     def runstate(self) -> str | None:
         """The live runstate as the transitions machine holds it (None without QEMU)."""
-        return self._runstate.runstate
+        return self._engine.runstate
+
+    @property
+    def definition(self) -> VmDefinition:
+        """What the next start of QEMU puts on its command line."""
+        return self._definition
+
+    def close(self) -> None:
+        """Detach from the shared machine and close the executor (QEMU goes with it)."""
+        self._engine.detach()
+        self._executor.close()
+
+    def __enter__(self) -> Self:
+        """Use the VM in a with block; it is closed at the end."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close the VM."""
+        self.close()
 
     def save_snapshot(self) -> None:
         """Keep the current state in the store, so loading replays only the tail after it."""
@@ -157,7 +201,8 @@ class VirtualMachine:
         if verdict is None:
             if len(self._verdicts) >= _VERDICT_CACHE:
                 self._verdicts.clear()
-            verdict = check(self._config(**arguments), command, model=self._model, walk=False)
+            config = configuration(state, self._definition, **arguments)
+            verdict = check(config, command, model=self._model, walk=False)
             self._verdicts[key] = verdict
         return verdict
 
@@ -166,127 +211,65 @@ class VirtualMachine:
     @_command
     def start(self, *, paused: bool = False, incoming: bool = False) -> None:
         """Start QEMU (``-S`` with ``paused``, ``-incoming defer`` with ``incoming``)."""
-        self._require_no_qemu("start")
-        if not incoming:
-            self._guard("start")
-        self._ports.host.start_qemu(self._definition)
-        runstate = "inmigrate" if incoming else "prelaunch" if paused else "running"
-        self._record(
+        self._trigger(
             "start",
-            ev.QemuStarted(
-                incarnation=self._state.incarnation + 1,
-                qemu_version=self._state.qemu_version,
-                host_boot=self._state.host_boot,
-                paused=paused,
-                incoming=incoming,
-                runstate=runstate,
-                memory=self._definition.memory,
-                devices=self._definition.devices,
-                aux_ram_share=self._definition.aux_ram_share,
-            ),
+            definition=self._definition,
+            paused=paused,
+            incoming=incoming,
+            qemu=self._state.qemu_version,
         )
 
     @_command
     def quit(self) -> None:
         """Quit QEMU (QMP ``quit``)."""
-        self._require_qemu("quit")
-        self._exit("quit", "quit")
+        self._trigger("quit")
 
     @_command
     def reboot_host(self) -> None:
         """Reboot the host; a running QEMU dies with it, volatile storage is wiped."""
-        self._guard("reboot_host")
-        if self._state.qemu_running:
-            self._exit("reboot_host", "host-reboot")
-        lost = self._ports.host.reboot()
-        self._record(
-            "reboot_host", ev.HostRebooted(host_boot=self._state.host_boot + 1, lost=lost)
-        )
+        self._trigger("reboot-host")
 
     @_command
     def upgrade_qemu(self, version: str) -> None:
         """Install another QEMU release between quit and the next start."""
-        self._require_no_qemu("upgrade_qemu")
-        target = load_model(version).version
-        if target == self._state.qemu_version:
-            return
-        self._record("upgrade_qemu", ev.QemuUpgraded(qemu_version=target))
+        self._trigger("upgrade-qemu", version=load_model(version).version)
 
     # --- runstate commands ---------------------------------------------------------------
 
     @_command
     def cont(self) -> None:
         """QMP ``cont``: resume (into suspended if the guest was suspended when stopped)."""
-        self._decide("cont")
-        state = self._state
-        if state.runstate == "inmigrate":
-            self._autostart(value=True)
-            return
-        if state.runstate in {"running", "suspended"}:
-            return
-        self._record("cont", ev.VmResumed(runstate=self._resume_target()))
+        self._trigger("cont")
 
     @_command
     def stop(self) -> None:
         """QMP ``stop``: pause a live VM (a no-op on a stopped one)."""
-        self._decide("stop")
-        state = self._state
-        if state.runstate == "inmigrate":
-            self._autostart(value=False)
-            return
-        if state.runstate not in self._model.live_runstates:
-            return
-        flag = state.runstate == "suspended"
-        self._record("stop", ev.VmStopped(runstate="paused", was_suspended=flag))
+        self._trigger("stop")
 
     @_command
     def debug_stop(self) -> None:
         """The gdbstub stops a live VM in runstate ``debug``."""
-        self._require_qemu("debug_stop")
-        state = self._state
-        if state.runstate not in self._model.live_runstates:
-            return
-        if not self._model.may_change_runstate(state.runstate, "debug"):
-            raise QemuAbortPredicted(
-                f"invalid runstate transition: '{state.runstate}' -> 'debug'", ()
-            )
-        flag = state.runstate == "suspended"
-        self._record("debug_stop", ev.VmStopped(runstate="debug", was_suspended=flag))
+        self._trigger("debug-stop")
 
     @_command
     def guest_suspend(self) -> None:
         """The guest enters ACPI S3 (what guest-suspend-ram asks it to do)."""
-        self._require_qemu("guest_suspend")
-        if self._state.runstate == "suspended":
-            return
-        if self._state.runstate != "running":
-            self._refuse(
-                "guest_suspend",
-                rule="guest-not-running",
-                error=f"the guest cannot suspend itself in runstate {self._state.runstate}",
-                hint="cont the VM first; only a running guest can enter S3",
-            )
-        self._record("guest_suspend", ev.GuestSuspended())
+        self._trigger("guest-suspend")
 
     @_command
     def system_wakeup(self) -> None:
         """QMP ``system_wakeup``: wake a suspended guest."""
-        self._decide("system_wakeup")
-        self._record("system_wakeup", ev.GuestWokeUp())
+        self._trigger("system_wakeup")
 
     @_command
     def guest_reset(self) -> None:
         """The guest (or system_reset) resets; a stopped VM lands in prelaunch."""
-        self._require_qemu("guest_reset")
-        runstate = self._state.runstate
-        target = runstate if runstate in _STARTS_AGAIN else "prelaunch"
-        self._record("guest_reset", ev.GuestReset(runstate=target or "prelaunch"))
+        self._trigger("guest-reset")
 
     @_command
     def guest_shutdown(self) -> None:
         """The guest powers off; QEMU exits (the default shutdown action)."""
-        self._require_qemu("guest_shutdown")
-        self._exit("guest_shutdown", "guest-shutdown")
+        self._trigger("guest-shutdown")
 
     # --- migration set-up --------------------------------------------------------------
 
@@ -295,261 +278,157 @@ class VirtualMachine:
         self, *, mode: str | None = None, parameters: Mapping[str, str] | None = None
     ) -> None:
         """QMP ``migrate-set-parameters``: the mode and other parameters."""
-        state = self._state
-        merged = dict(state.parameters) | dict(parameters or {})
-        new_mode = mode or state.mode
-        self._decide("migrate-set-parameters", mode=new_mode, parameters=merged)
-        pairs = tuple(sorted(merged.items()))
-        if (new_mode, pairs) == (state.mode, state.parameters):
-            return
-        self._record("migrate-set-parameters", ev.ParametersSet(mode=new_mode, parameters=pairs))
+        arguments: dict[str, Any] = dict(parameters or {})
+        if mode is not None:
+            arguments["mode"] = mode
+        self._trigger("migrate-set-parameters", **arguments)
 
     @_command
     def set_capabilities(self, changes: Mapping[str, bool]) -> None:
         """QMP ``migrate-set-capabilities``: turn capabilities on or off (checked as a whole)."""
-        on = {name for name, value in changes.items() if value}
-        off = {name for name, value in changes.items() if not value}
-        result = (self._state.capabilities | on) - off
-        unknown = sorted((on | off) - set(self._model.capabilities))
+        unknown = sorted(set(changes) - set(self._model.capabilities))
         if unknown:
             context = f"QEMU {self._model.version}"
             raise UnknownNameError(
                 "capability", unknown[0], self._model.capabilities, context=context
             )
-        self._decide("migrate-set-capabilities", capabilities=result)
-        if result == self._state.capabilities:
-            return
-        self._record("migrate-set-capabilities", ev.CapabilitiesSet(capabilities=result))
+        self._trigger("migrate-set-capabilities", capabilities=dict(changes))
 
-    # --- outgoing migration ----------------------------------------------------------------
+    # --- migration ------------------------------------------------------------------------
 
     @_command
     def migrate(self, uri: str) -> None:
-        """QMP ``migrate`` to ``uri``: save the VM in this mode, in QEMU's order."""
-        verdict = self._decide("migrate", uri=uri)
-        state = self._state
-        if state.mode == "cpr-transfer" or "background-snapshot" in state.capabilities:
-            msg = (
-                "the lifecycle machine models normal and cpr-reboot saves to a URI; "
-                "cpr-transfer and background snapshots are not modelled yet (use check())"
-            )
-            raise UsageError(msg)
-        hazards = self._hazards("migrate", uri=uri, skipped=self._skipped_blocks())
-        self._record(
-            "migrate",
-            ev.MigrationStarted(
-                uri=uri,
-                mode=state.mode,
-                capabilities=state.capabilities,
-                runstate=state.runstate or "",
-                was_suspended=state.was_suspended,
-            ),
-        )
-        # After MigrationStarted, which opens a new save's account of hazards.
-        self._report("migrate", hazards)
-        late_failure = None  # only an asynchronous failure gets past _decide
-        if verdict.first is not None:
-            if verdict.first.fails_at == "setup":
-                self._status("migrate", "outgoing", "failed", verdict.first.error)
-                return
-            late_failure = verdict.first.error
-        if state.runstate == "suspended" and "suspended" not in self._model.live_runstates:
-            self._record("migrate", ev.GuestWokeUp())  # 8.2 woke the guest first
-        header = StreamHeader(
-            qemu_version=state.qemu_version,
-            mode=state.mode,
-            validated=state.capabilities & _VALIDATED,
-            runstate=self._state.runstate or "",
-            was_suspended=self._state.was_suspended or self._state.runstate == "suspended",
-        )
-        try:
-            writer = self._operate(
-                "migrate", "channel.open", uri, lambda: self._ports.channel.open_write(uri, header)
-            )
-        except PortError as exc:
-            self._status("migrate", "outgoing", "failed", exc.error)
-            raise CommandFailed("migrate", exc.error, tuple(self._batch)) from None
-        try:
-            self._save(writer, uri, late_failure)
-        except PortError as exc:
-            writer.abort()
-            self._compensate("migrate", "failed", exc.error)
-
-    def _save(self, writer: StreamWriter, uri: str, late_failure: str | None) -> None:
-        """Stop the VM when the mode says, write RAM, then fail, pause or switch over."""
-        state = self._state
-        stops_at_connect = self._model.mode(state.mode).stops_vm == "at-connect"
-        if stops_at_connect:
-            self._stop_for_migration()
-        self._status("migrate", "outgoing", "active")
-        skip = self._skipped_blocks()
-        ram = self._operate(
-            "migrate", "ram.save", uri, lambda: self._ports.memory.save(writer, skip)
-        )
-        self._record(
-            "migrate",
-            ev.RamSaved(
-                bytes_written=ram.bytes,
-                written=ram.blocks,
-                skipped=tuple(sorted(skip)),
-                digest=ram.digest,
-            ),
-        )
-        if not stops_at_connect:
-            self._stop_for_migration()
-        if late_failure is not None:  # noticed only once the switch-over began
-            if self._model.may_change_status("outgoing", self._state.outgoing_status, "device"):
-                self._status("migrate", "outgoing", "device")
-            writer.abort()
-            self._compensate("migrate", "failed", late_failure)
-        elif "pause-before-switchover" in state.capabilities:
-            self._writer = writer
-            self._status("migrate", "outgoing", "pre-switchover")
-        else:
-            self._switch_over(writer)
+        """QMP ``migrate`` to ``uri``: save the VM in this mode, as QEMU does."""
+        self._trigger("migrate", uri=uri)
 
     @_command
     def migrate_continue(self) -> None:
         """QMP ``migrate-continue``: leave pre-switchover and complete the migration."""
-        self._require_qemu("migrate-continue")
-        status = self._state.outgoing_status
-        if status == "pre-switchover" and self._writer is None:
-            self._refuse(
-                "migrate-continue",
-                rule="stream-lost",
-                error="the migration stream was opened by a controller that is gone",
-                hint="cancel the migration with migrate_cancel and migrate again",
-            )
-        if status != "pre-switchover" or self._writer is None:
-            self._refuse(
-                "migrate-continue",
-                rule="continue-needs-pre-switchover",
-                error=f"Migration not in expected state: {status}",
-                hint="migrate-continue only applies to a migration paused in pre-switchover",
-                source="migration/migration.c:qmp_migrate_continue",
-            )
-        writer, self._writer = self._writer, None
-        try:
-            self._switch_over(writer)
-        except PortError as exc:
-            writer.abort()
-            self._compensate("migrate-continue", "failed", exc.error)
+        self._trigger("migrate-continue", state="pre-switchover")
+
+    @_command
+    def migrate_cancel(self) -> None:
+        """QMP ``migrate_cancel``: cancel a migration in progress (a no-op otherwise)."""
+        self._trigger("migrate_cancel")
+
+    @_command
+    def migrate_incoming(self, uri: str) -> None:
+        """QMP ``migrate-incoming``: load the VM from ``uri`` into this waiting QEMU."""
+        self._trigger("migrate-incoming", uri=uri)
+
+    # --- what QEMU says unasked --------------------------------------------------------------
+
+    @_command
+    def observe(self, timeout: float = 0.0) -> None:
+        """Record what QEMU said unasked (another client, the guest); wait up to ``timeout``."""
+        report = self._executor.observe(timeout)
+        self._adopt("observe", report)
 
     @_command
     def recover(self) -> None:
         """Settle an operation whose intent is in the log but whose outcome is not.
 
         That happens when the controller died mid-operation.  The operation is
-        recorded as failed and QEMU's compensation follows: an outgoing
-        migration fails and the guest resumes; an incoming one fails and that
-        QEMU exits.  Without an operation in flight this does nothing.
+        recorded as failed, then what the executor finds now is adopted: for
+        the executors cprfsm ships, QEMU went away with the controller.
+        Without an operation in flight this does nothing.
         """
         in_flight = self._state.in_flight
         if in_flight is None:
             return
         self._record("recover", ev.OperationFailed(operation=in_flight[0], error=_INTERRUPTED))
-        if self._state.outgoing_status in self._model.running_statuses:
-            self._compensate("recover", "failed", _INTERRUPTED)
-        elif self._state.incoming_status in self._model.running_statuses:
-            self._fail_incoming(_INTERRUPTED)
+        report = self._executor.observe(0.0)
+        self._record(
+            "recover",
+            ev.QemuObserved(
+                runstate=report.runstate,
+                status=report.status,
+                error=report.error,
+                detail=_exit_detail(report) or "no QEMU process was found after the interruption",
+            ),
+        )
 
-    @_command
-    def migrate_cancel(self) -> None:
-        """QMP ``migrate_cancel``: cancel a migration in progress (a no-op otherwise)."""
-        self._require_qemu("migrate_cancel")
-        if self._state.outgoing_status not in self._model.running_statuses:
+    # --- the engine's callbacks ----------------------------------------------------------------
+
+    def permitted(self, command: str, arguments: dict[str, Any]) -> bool:
+        """The model's verdict as the trigger's condition; a predicted abort raises."""
+        verdict = self._verdict(command, arguments)
+        first = verdict.first
+        if first is None or (first.asynchronous and not self._strict):
+            _require_performed(command, self._state)
+        if first is None:
+            return True
+        if first.aborts:
+            self._log.info(
+                "transition.abort-predicted", vm=self._vm, command=command, error=first.error
+            )
+            raise QemuAbortPredicted(first.error, ())
+        if first.asynchronous and not self._strict:
+            return True  # QEMU accepts it and fails later: send it, record what happens
+        self._refusal = verdict
+        return False
+
+    def intend(self, command: str, arguments: dict[str, Any]) -> None:
+        """Record the intent of a long command and the step's hazards, before acting."""
+        hazards = self._hazards(command, arguments)
+        events: list[Event] = []
+        if command in _LONG:
+            plan = self._state.migration
+            target = str(arguments.get("uri") or (plan.uri if plan else ""))
+            events.append(ev.OperationStarted(operation=command, target=target))
+        events += [
+            ev.HazardReported(
+                rule=hazard.rule,
+                detail=hazard.detail,
+                hint=hazard.hint,
+                loses_data=hazard.loses_data,
+            )
+            for hazard in hazards
+        ]
+        self._record(command, *events)
+
+    def perform(self, command: str, arguments: dict[str, Any]) -> None:
+        """Carry ``command`` out through the executor; record what QEMU reported."""
+        if command == "upgrade-qemu":
+            if arguments["version"] != self._state.qemu_version:
+                self._record(command, ev.QemuUpgraded(qemu_version=arguments["version"]))
             return
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
-        # QEMU restarts the guest while still cancelling; cancelled comes at cleanup.
-        self._status("migrate_cancel", "outgoing", "cancelling")
-        self._put_back("migrate_cancel")
-        self._status("migrate_cancel", "outgoing", "cancelled")
-
-    # --- incoming migration --------------------------------------------------------------
-
-    @_command
-    def migrate_incoming(self, uri: str) -> None:
-        """QMP ``migrate-incoming``: load the VM from ``uri`` into this waiting QEMU."""
-        self._decide("migrate-incoming", uri=uri)
-        self._record("migrate-incoming", ev.IncomingStarted(uri=uri))
-        try:
-            reader = self._operate(
-                "migrate-incoming", "channel.open", uri, lambda: self._ports.channel.open_read(uri)
+        order = Command(name=command, arguments=arguments)
+        volatile = self._executor.volatile
+        predicted, after, operations = predict(
+            self._state, self._definition, order, volatile=volatile
+        )
+        report = self._executor.execute(order)
+        measured = any(isinstance(fact, Transferred) for fact in report.facts)
+        expected = _observation(report_of(after, predicted), transfers=measured)
+        observed = _observation(report, transfers=measured)
+        error = report.error or (report.exit.message if report.exit else "")
+        outcome = predicted if observed == expected and report.refused is None else None
+        for operation in operations if outcome is None and report.refused is None else ():
+            alternative, later, _ = predict(
+                self._state,
+                self._definition,
+                order,
+                volatile=volatile,
+                failing=(operation, error),
             )
-        except PortError as exc:  # QEMU leaves the incoming side stuck in setup
-            raise CommandFailed("migrate-incoming", exc.error, tuple(self._batch)) from None
-        self._status("migrate-incoming", "incoming", "active")
-        header = reader.header
-        local = self._state.capabilities & _VALIDATED
-        for name in sorted(_VALIDATED):
-            if (name in local) != (name in header.validated):
-                mine, theirs = _on(name in local), _on(name in header.validated)
-                self._fail_incoming(
-                    f"Capability {name} is {mine}, but received capability is {theirs}"
-                )
-                return
-        try:
-            skip = self._skipped_blocks()
-            ram = self._operate(
-                "migrate-incoming", "ram.load", uri, lambda: self._ports.memory.load(reader, skip)
-            )
-            self._record(
-                "migrate-incoming",
-                ev.RamLoaded(
-                    bytes_read=ram.bytes,
-                    loaded=ram.blocks,
-                    kept=tuple(sorted(skip)),
-                    digest=ram.digest,
-                ),
-            )
-            devices = self._operate(
-                "migrate-incoming", "devices.load", uri, lambda: self._ports.devices.load(reader)
-            )
-            self._record(
-                "migrate-incoming",
-                ev.DeviceStateLoaded(bytes_read=devices.bytes, digest=devices.digest),
-            )
-        except PortError as exc:
-            self._fail_incoming(exc.error)
+            if _observation(report_of(later, alternative), transfers=measured) == observed:
+                outcome = alternative
+                break
+        if outcome is None:
+            self._diverged(command, expected, observed, report)
             return
-        self._check_restored_ram(uri)
-        self._incoming_runstate(header)
-        self._status("migrate-incoming", "incoming", "completed")
+        self._record(command, *_measured(outcome, report))
+        if command == "migrate-incoming":
+            self._check_restored_ram(str(arguments["uri"]), report)
+        self._raise_for(command, outcome)
 
     # --- internals -------------------------------------------------------------------------
 
-    def _config(self, **overrides: Any) -> Configuration:
-        state = self._state
-        fields: dict[str, Any] = {
-            "mode": state.mode,
-            "capabilities": state.capabilities,
-            "parameters": dict(state.parameters),
-            "runstate": state.runstate or "prelaunch",
-            "was_suspended": state.was_suspended,
-            "migration": state.outgoing_status,
-            "incoming": "completed"
-            if state.incoming == "started" and state.incoming_status == "completed"
-            else state.incoming,
-            "devices": state.devices or self._definition.devices,
-            "memory": MemoryBackend.parse(
-                state.memory if state.qemu_running else self._definition.memory
-            ),
-            "aux_ram_share": state.aux_ram_share,
-        }
-        fields.update(overrides)
-        return Configuration(**fields)
-
-    def _decide(self, command: str, **overrides: Any) -> Verdict:
-        self._require_qemu(command)
-        verdict = self.can(command, **overrides)
-        if verdict.first is not None and verdict.first.aborts:
-            self._log.info(
-                "transition.abort-predicted", vm=self._vm, command=command, error=verdict.error
-            )
-            raise QemuAbortPredicted(verdict.first.error, ())
-        if verdict.first is not None and not verdict.first.asynchronous:
+    def _trigger(self, command: str, **arguments: Any) -> None:
+        self._refusal = None
+        if not self._engine.command(command, arguments):
+            verdict = self._refusal or self._verdict(command, arguments)
             self._log.info(
                 "transition.refused",
                 vm=self._vm,
@@ -559,150 +438,184 @@ class VirtualMachine:
                 error=verdict.error,
             )
             raise IllegalTransition(verdict)
-        return verdict
 
-    def _refuse(
-        self, command: str, *, rule: str, error: str, hint: str, source: str = "cprfsm"
-    ) -> NoReturn:
-        reason = Reason(
-            rule=rule, command=command, asynchronous=False, error=error, source=source, hint=hint
-        )
-        verdict = Verdict(
-            qemu=self._model.version, command=command, steps=(command,), reasons=(reason,)
-        )
-        self._log.info(
-            "transition.refused", vm=self._vm, command=command, reasons=[rule], error=error
-        )
-        raise IllegalTransition(verdict)
-
-    def _require_qemu(self, command: str) -> None:
-        if not self._state.qemu_running:
-            self._refuse(
-                command,
-                rule="qemu-not-running",
-                error="QEMU is not running",
-                hint="start QEMU first",
-            )
-
-    def _require_no_qemu(self, command: str) -> None:
-        if self._state.qemu_running:
-            self._refuse(
-                command,
-                rule="qemu-running",
-                error=f"QEMU {self._state.qemu_version} is running "
-                f"(incarnation {self._state.incarnation})",
-                hint="quit QEMU first",
-            )
+    def _verdict(self, command: str, arguments: dict[str, Any]) -> Verdict:
+        overrides: dict[str, Any] = {}
+        if command == "migrate-set-parameters":
+            merged = dict(self._state.parameters) | {
+                k: str(v) for k, v in arguments.items() if k != "mode"
+            }
+            overrides = {"mode": arguments.get("mode", self._state.mode), "parameters": merged}
+        elif command == "migrate-set-capabilities":
+            changes: Mapping[str, bool] = arguments["capabilities"]
+            on = {name for name, value in changes.items() if value}
+            off = {name for name, value in changes.items() if not value}
+            overrides = {"capabilities": (self._state.capabilities | on) - off}
+        elif "uri" in arguments:
+            overrides = {"uri": arguments["uri"]}
+        return self.can(command, **overrides)
 
     def _record(self, command: str, *events: Event) -> None:
-        """Append events atomically after the current version, then apply them live."""
+        """Fold, move the engine, append atomically after the current version, then commit."""
+        if not events:
+            return
         before = self._state
-        self._store.append(self._vm, events, expected_version=before.version)
+        state = before
         for event in events:
-            self._apply(event)
+            state = fold(state, event, check_runstates=False)
+            if isinstance(event, ev.QemuStarted | ev.QemuUpgraded) and (
+                state.qemu_version != self._model.version
+            ):
+                self._model = load_model(state.qemu_version)
+                self._engine.detach()
+                self._engine = Engine(self._model, None, self)
+            if isinstance(event, ev.QemuObserved):
+                self._engine.force(state.runstate)
+            else:
+                self._engine.move(state.runstate)
+        try:
+            self._store.append(self._vm, events, expected_version=before.version)
+        except BaseException:
+            self._engine.force(before.runstate)
+            raise
+        self._state = state
         self._batch.extend(events)
         self._log.debug(
             "transition.applied",
             vm=self._vm,
-            incarnation=self._state.incarnation,
-            stream_version=self._state.version,
+            incarnation=state.incarnation,
+            stream_version=state.version,
             command=command,
             from_state=before.runstate,
-            to_state=self._state.runstate,
+            to_state=state.runstate,
             events=[type(event).type_tag for event in events],
         )
 
-    def _apply(self, event: Event) -> None:
-        old = self._state
-        new = fold(old, event)
-        if isinstance(event, ev.QemuStarted):
-            if new.qemu_version != self._model.version:
-                self._model = load_model(new.qemu_version)
-            self._runstate.detach()
-            self._runstate = LiveRunstate(self._model, None)
-            self._runstate.start(event.runstate)
-        elif isinstance(event, ev.QemuUpgraded):
-            self._model = load_model(event.qemu_version)
-        elif new.runstate is None:
-            self._runstate.exit()
-        elif new.runstate != old.runstate:
-            self._runstate.change(new.runstate)
-        self._state = new
-
-    def _exit(self, command: str, reason: str, detail: str = "") -> None:
-        self._ports.host.stop_qemu()
-        self._writer = None
-        event = ev.QemuExited(incarnation=self._state.incarnation, reason=reason, detail=detail)
-        self._record(command, event)
-
-    def _autostart(self, *, value: bool) -> None:
-        if self._state.autostart == value:
-            return
-        self._record("cont" if value else "stop", ev.AutostartChanged(autostart=value))
-
-    def _operate(
-        self, command: str, operation: str, target: str, action: Callable[[], Any]
-    ) -> Any:
-        """Record the intent, run the operation; on PortError record the failure, re-raise."""
-        self._record(command, ev.OperationStarted(operation=operation, target=target))
-        try:
-            return action()
-        except PortError as exc:
-            self._record(command, ev.OperationFailed(operation=operation, error=exc.error))
-            raise
-
-    def _status(self, command: str, side: str, status: str, error: str = "") -> None:
-        self._record(command, ev.MigrationStatusReported(side=side, status=status, error=error))
-
-    def _stop_for_migration(self) -> None:
-        """QEMU's vm_stop_force_state(finish-migrate): STOP if live, else a silent change."""
-        state = self._state
-        if state.runstate in self._model.live_runstates:
-            flag = state.runstate == "suspended"
-            self._record("migrate", ev.VmStopped(runstate="finish-migrate", was_suspended=flag))
-        else:
-            self._record(
-                "migrate",
-                ev.RunstateSet(runstate="finish-migrate", was_suspended=state.was_suspended),
+    def _diverged(
+        self, command: str, expected: tuple[str, ...], observed: tuple[str, ...], report: Report
+    ) -> None:
+        """Keep both sides, adopt QEMU's facts, and raise what the caller must know."""
+        divergence = ev.ModelDiverged(command=command, expected=expected, observed=observed)
+        self._log.warning(
+            "transition.diverged",
+            vm=self._vm,
+            command=command,
+            expected=list(expected),
+            observed=list(observed),
+        )
+        self._record(command, divergence, *self._adopted(report))
+        if self._strict:
+            raise ModelDivergence(divergence)
+        if report.refused is not None:
+            reason = Reason(
+                rule="qemu-refused",
+                command=command,
+                asynchronous=False,
+                error=report.refused,
+                source="QEMU (the model did not predict this refusal)",
+                hint="QEMU refused; the divergence is recorded in the log",
+            )
+            raise IllegalTransition(
+                Verdict(
+                    qemu=self._model.version, command=command, steps=(command,), reasons=(reason,)
+                )
             )
 
-    def _guard(self, step: str, **facts: Any) -> None:
-        """Report the step's hazards as events, or (strict) refuse a step that loses data."""
-        self._report(step, self._hazards(step, **facts))
+    def _adopt(self, command: str, report: Report) -> None:
+        """Record facts QEMU reported unasked, each as the event it amounts to."""
+        events: list[Event] = []
+        state = self._state
+        for fact in report.facts:
+            if isinstance(fact, QmpEvent):
+                event = _unasked(state, fact, report)
+                if event is None:
+                    continue
+                try:
+                    state = fold(state, event)
+                except CprFsmError:
+                    break  # the rest cannot be told from events: adopt QEMU's account below
+                events.append(event)
+        events.extend(self._adopted(report, after=state))
+        self._record(command, *events)
 
-    def _hazards(self, step: str, **facts: Any) -> tuple[Hazard, ...]:
+    def _adopted(self, report: Report, after: VmState | None = None) -> tuple[Event, ...]:
+        """QEMU's account of where it is now, where it differs from ``after``."""
+        state = after or self._state
+        exited = report.exit
+        if exited is not None or report.runstate is None:
+            if state.runstate is None:
+                return ()
+            return (
+                ev.QemuExited(
+                    incarnation=state.incarnation,
+                    reason="killed" if exited is not None and exited.signal else "exited",
+                    detail=_exit_detail(report),
+                ),
+            )
+        side = state.incoming_status if state.incoming != "none" else state.outgoing_status
+        if (report.runstate, report.status) == (state.runstate, side):
+            return ()
+        return (
+            ev.QemuObserved(runstate=report.runstate, status=report.status, error=report.error),
+        )
+
+    def _raise_for(self, command: str, outcome: tuple[Event, ...]) -> None:
+        """Raise what QEMU's outcome means to the caller: an abort, a failure of its command."""
+        for event in outcome:
+            if isinstance(event, ev.QemuExited) and event.reason == "abort":
+                raise QemuAbortPredicted(event.detail, tuple(self._batch))
+        if command in {"migrate-incoming", "start"}:
+            for event in outcome:
+                if isinstance(event, ev.OperationFailed) and event.operation == "channel.open":
+                    raise CommandFailed(command, event.error, tuple(self._batch))
+        if command == "migrate":
+            for event in outcome:
+                if isinstance(event, ev.OperationFailed) and event.operation == "channel.open":
+                    raise CommandFailed(command, event.error, tuple(self._batch))
+
+    def _hazards(self, command: str, arguments: dict[str, Any]) -> tuple[Hazard, ...]:
         """The step's hazards; in strict mode a data-losing one refuses the step here."""
+        step = {"reboot-host": "reboot_host"}.get(command, command)
+        if step not in {"migrate", "reboot_host", "start"} or arguments.get("incoming"):
+            return ()
+        facts: dict[str, Any] = {}
+        if step == "migrate":
+            skipped = skipped_blocks(self._state, self._definition)
+            facts = {"uri": arguments["uri"], "skipped": skipped}
         found = hazards_of(
             step,
             self._state,
-            blocks=self._ports.memory.blocks(),
-            volatile=self._ports.host.volatile,
+            blocks=ram_blocks(self._definition),
+            volatile=self._executor.volatile,
             **facts,
         )
         losing = [hazard for hazard in found if hazard.loses_data]
         if self._strict and losing:
-            self._refuse(step, rule=losing[0].rule, error=losing[0].detail, hint=losing[0].hint)
+            self._refuse(step, losing[0])
         return found
 
-    def _report(self, step: str, found: tuple[Hazard, ...]) -> None:
-        for hazard in found:
-            self._record(
-                step,
-                ev.HazardReported(
-                    rule=hazard.rule,
-                    detail=hazard.detail,
-                    hint=hazard.hint,
-                    loses_data=hazard.loses_data,
-                ),
-            )
+    def _refuse(self, command: str, hazard: Hazard) -> None:
+        reason = Reason(
+            rule=hazard.rule,
+            command=command,
+            asynchronous=False,
+            error=hazard.detail,
+            source="cprfsm.hazards",
+            hint=hazard.hint,
+        )
+        verdict = Verdict(
+            qemu=self._model.version, command=command, steps=(command,), reasons=(reason,)
+        )
+        raise IllegalTransition(verdict)
 
-    def _check_restored_ram(self, uri: str) -> None:
+    def _check_restored_ram(self, uri: str, report: Report) -> None:
         """Compare restored RAM with what was saved; a difference is recorded as data lost."""
         saved = self._state.state_file(uri)
-        if saved is None or not saved.ram_digest:
-            return  # saved by another VM's log: nothing to compare with
-        restored = self._ports.memory.digest()
-        if restored != saved.ram_digest:
+        if saved is None or not saved.ram_digest or not report.ram_digest:
+            return  # saved by another VM's log, or an executor that cannot digest RAM
+        if self._state.incoming_status != "completed":
+            return
+        if report.ram_digest != saved.ram_digest:
             self._record(
                 "migrate-incoming",
                 ev.GuestDataLost(
@@ -711,110 +624,136 @@ class VirtualMachine:
                 ),
             )
 
-    def _ram_in_place(self) -> tuple[str, ...]:
-        """Paths of the shared RAM files whose content the stream relies on, not holds."""
-        skipped = self._skipped_blocks()
-        return tuple(
-            sorted(
-                block.path
-                for block in self._ports.memory.blocks()
-                if block.name in skipped and block.path
+
+def _require_performed(command: str, state: VmState) -> None:
+    """Refuse, as a usage error, what the machine cannot perform yet."""
+    if command == "migrate" and (
+        state.mode == "cpr-transfer" or "background-snapshot" in state.capabilities
+    ):
+        msg = (
+            "the lifecycle machine performs normal and cpr-reboot saves to a URI; "
+            "cpr-transfer and background snapshots are not performed yet (use check())"
+        )
+        raise UsageError(msg)
+
+
+def _observation(report: Report, *, transfers: bool) -> tuple[str, ...]:
+    """What is compared between the model and QEMU: events, runstate, status and its error.
+
+    With ``transfers`` (the executor measures them) the operations that moved data count too.
+    """
+    labels = [
+        fact.label if isinstance(fact, QmpEvent) else fact.operation
+        for fact in report.facts
+        if (isinstance(fact, QmpEvent) and fact.name not in _UNCOMPARED)
+        or (transfers and isinstance(fact, Transferred))
+    ]
+    if report.refused is not None:
+        labels.append(f"refused {report.refused}")
+    labels.append(f"runstate {report.runstate or 'none (no process)'}")
+    labels.append(f"status {report.status}")
+    if report.error:
+        labels.append(f"error {report.error}")
+    return tuple(labels)
+
+
+def _measured(events: tuple[Event, ...], report: Report) -> tuple[Event, ...]:
+    """The predicted events with what the executor measured: bytes, digests, what a reboot lost."""
+    transfers = [fact for fact in report.facts if isinstance(fact, Transferred)]
+    result: list[Event] = []
+    for event in events:
+        if isinstance(
+            event, ev.RamSaved | ev.DeviceStateSaved | ev.RamLoaded | ev.DeviceStateLoaded
+        ):
+            measured = _take(transfers, _OPERATION[type(event)])
+            if measured is None:
+                continue  # the executor does not measure transfers: nothing to record
+            result.append(_with_transfer(event, measured))
+        elif isinstance(event, ev.StateFileWritten):
+            measured = _take(transfers, "stream.commit")
+            result.append(
+                _with_transfer(event, measured, ram_digest=report.ram_digest)
+                if measured is not None
+                else _with_transfer(event, None, ram_digest=report.ram_digest)
             )
-        )
-
-    def _skipped_blocks(self) -> frozenset[str]:
-        """The RAM blocks QEMU does not transfer: shared named files under x-ignore-shared."""
-        if "x-ignore-shared" not in self._state.capabilities:
-            return frozenset()
-        return frozenset(
-            block.name
-            for block in self._ports.memory.blocks()
-            if block.shared and block.named_file
-        )
-
-    def _switch_over(self, writer: StreamWriter) -> None:
-        state = self._state
-        uri = state.migration.uri if state.migration else ""
-        if self._model.may_change_status("outgoing", state.outgoing_status, "device"):
-            self._status("migrate", "outgoing", "device")
-        devices = self._operate(
-            "migrate", "devices.save", uri, lambda: self._ports.devices.save(writer)
-        )
-        self._record(
-            "migrate", ev.DeviceStateSaved(bytes_written=devices.bytes, digest=devices.digest)
-        )
-        stream = self._operate("migrate", "channel.commit", uri, writer.commit)
-        plan = state.migration
-        assert plan is not None  # a switch-over always belongs to a started migration
-        self._record(
-            "migrate",
-            ev.StateFileWritten(
-                uri=uri,
-                bytes_written=stream.bytes,
-                runstate=plan.runstate,
-                was_suspended=plan.was_suspended or plan.runstate == "suspended",
-                mode=plan.mode,
-                validated=plan.capabilities & _VALIDATED,
-                qemu_version=state.qemu_version,
-                digest=stream.digest,
-                ram_in_place=self._ram_in_place(),
-                ram_digest=self._ports.memory.digest(),
-            ),
-        )
-        self._status("migrate", "outgoing", "completed")
-        self._record(
-            "migrate",
-            ev.RunstateSet(runstate="postmigrate", was_suspended=self._state.was_suspended),
-        )
-
-    def _resume_target(self) -> str:
-        """QEMU's vm_start: back to suspended if the guest was suspended (9.0+), else running."""
-        live_suspend = "suspended" in self._model.live_runstates
-        return "suspended" if self._state.was_suspended and live_suspend else "running"
-
-    def _compensate(self, command: str, status: str, error: str) -> None:
-        """A failed migration: the status fails first, then the VM is put back."""
-        self._status(command, "outgoing", status, error)
-        self._put_back(command)
-
-    def _put_back(self, command: str) -> None:
-        """Put the VM back where it was before the migration stopped it, as QEMU does."""
-        state = self._state
-        plan = state.migration
-        if plan is None or state.runstate != "finish-migrate":
-            return
-        if plan.runstate in self._model.live_runstates:
-            self._record(command, ev.VmResumed(runstate=self._resume_target()))
-        elif self._model.may_change_runstate("finish-migrate", plan.runstate):
-            self._record(
-                command, ev.RunstateSet(runstate=plan.runstate, was_suspended=state.was_suspended)
-            )
+        elif isinstance(event, ev.HostRebooted):
+            result.append(ev.HostRebooted(host_boot=event.host_boot, lost=report.lost))
         else:
-            detail = f"invalid runstate transition: 'finish-migrate' -> '{plan.runstate}'"
-            self._exit(command, "abort", detail)
-            raise QemuAbortPredicted(detail, tuple(self._batch))
+            result.append(event)
+    return tuple(result)
 
-    def _fail_incoming(self, error: str) -> None:
-        """A failed load: status failed, then QEMU exits (exit-on-error is on by default)."""
-        self._status("migrate-incoming", "incoming", "failed", error)
-        self._exit("migrate-incoming", "incoming-failed", error)
 
-    def _incoming_runstate(self, header: StreamHeader) -> None:
-        """Where the destination ends: from the source's runstate, autostart and the flag."""
-        flag = header.was_suspended or header.runstate == "suspended"
-        live = self._model.live_runstates
-        if header.runstate in live or header.runstate == "suspended":
-            if self._state.autostart:
-                target = "suspended" if flag and "suspended" in live else "running"
-                self._record("migrate-incoming", ev.VmResumed(runstate=target))
-            else:
-                self._record(
-                    "migrate-incoming", ev.RunstateSet(runstate="paused", was_suspended=flag)
-                )
-        else:
-            self._record(
-                "migrate-incoming", ev.RunstateSet(runstate=header.runstate, was_suspended=flag)
+_OPERATION: dict[type[Any], str] = {
+    ev.RamSaved: "ram.save",
+    ev.DeviceStateSaved: "devices.save",
+    ev.RamLoaded: "ram.load",
+    ev.DeviceStateLoaded: "devices.load",
+}
+
+
+def _take(transfers: list[Transferred], operation: str) -> Transferred | None:
+    for index, transfer in enumerate(transfers):
+        if transfer.operation == operation:
+            return transfers.pop(index)
+    return None
+
+
+def _with_transfer(event: Any, measured: Transferred | None, **extra: Any) -> Any:
+    import attrs  # noqa: PLC0415 - only needed here
+
+    changes: dict[str, Any] = dict(extra)
+    if measured is not None:
+        moved = "bytes_read" if hasattr(event, "bytes_read") else "bytes_written"
+        changes |= {moved: measured.bytes, "digest": measured.digest}
+        if isinstance(event, ev.RamSaved):
+            changes["written"] = measured.blocks or event.written
+        if isinstance(event, ev.RamLoaded):
+            changes["loaded"] = measured.blocks or event.loaded
+    return attrs.evolve(event, **changes)
+
+
+def _unasked(state: VmState, fact: QmpEvent, report: Report) -> Event | None:  # noqa: PLR0911
+    """The event an unasked QMP event amounts to, or None for one without lifecycle meaning."""
+    name = fact.name
+    if name == "STOP":
+        runstate = (
+            report.runstate if report.runstate not in {None, "running", "suspended"} else "paused"
+        )
+        return ev.VmStopped(
+            runstate=runstate or "paused", was_suspended=state.runstate == "suspended"
+        )
+    if name == "RESUME":
+        return ev.VmResumed(runstate="suspended" if state.was_suspended else "running")
+    if name == "SUSPEND":
+        return ev.GuestSuspended()
+    if name == "WAKEUP":
+        return ev.GuestWokeUp() if state.runstate == "suspended" else None
+    if name == "GUEST_PANICKED":
+        return ev.RunstateSet(runstate="guest-panicked", was_suspended=state.was_suspended)
+    if name == "MIGRATION":
+        status = str(fact.data.get("status", ""))
+        side = "incoming" if state.incoming != "none" else "outgoing"
+        if status == "setup" and side == "outgoing":
+            return ev.MigrationStarted(
+                uri="",
+                mode=state.mode,
+                capabilities=state.capabilities,
+                runstate=state.runstate or "",
+                was_suspended=state.was_suspended,
             )
+        if status == "setup":
+            return ev.IncomingStarted(uri="")
+        error = report.error if status == "failed" else ""
+        return ev.MigrationStatusReported(side=side, status=status, error=error)
+    return None
+
+
+def _exit_detail(report: Report) -> str:
+    exited = report.exit
+    if exited is None:
+        return ""
+    how = f"signal {exited.signal}" if exited.signal else f"exit code {exited.code}"
+    return f"{how}: {exited.message}" if exited.message else how
 
 
 def _hashable(value: object) -> object:
@@ -823,7 +762,3 @@ def _hashable(value: object) -> object:
     if isinstance(value, set | list):
         return frozenset(value)
     return value
-
-
-def _on(value: bool) -> str:  # noqa: FBT001 - QEMU's on/off spelling
-    return "on" if value else "off"

@@ -39,15 +39,26 @@ __all__ = [
     "modelled_releases",
 ]
 
-#: The QMP commands (and pseudo-commands) rules can refuse.
+#: The commands rules can refuse: QMP commands, and the process, host and guest
+#: actions the lifecycle machine performs (start, quit, reboot-host, guest-*).
 COMMANDS = (
     "migrate-set-parameters",
     "migrate-set-capabilities",
     "migrate",
     "migrate-incoming",
+    "migrate-continue",
+    "migrate_cancel",
     "cont",
     "stop",
     "system_wakeup",
+    "start",
+    "quit",
+    "reboot-host",
+    "upgrade-qemu",
+    "debug-stop",
+    "guest-suspend",
+    "guest-reset",
+    "guest-shutdown",
 )
 
 SCHEMA_VERSION = 1

@@ -14,9 +14,12 @@ from typing import TYPE_CHECKING, Protocol
 import attrs
 
 from cprfsm.exceptions import CprFsmError
+from cprfsm.executor import RamBlock, VmDefinition, ram_blocks
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+
+    from cprfsm.executor import Executor
 
 __all__ = [
     "ChannelPort",
@@ -42,27 +45,6 @@ class PortError(CprFsmError):
         """Carry QEMU's text for the failure."""
         self.error = error
         super().__init__(error)
-
-
-@attrs.frozen(kw_only=True)
-class VmDefinition:
-    """What QEMU's command line fixes: guest RAM, devices, and ``aux-ram-share``."""
-
-    memory: str = "ram"
-    ram_size: int = 64 * 2**20
-    devices: tuple[str, ...] = ()
-    aux_ram_share: bool = False
-
-
-@attrs.frozen(kw_only=True)
-class RamBlock:
-    """One guest RAM block: its name, size and how it is backed."""
-
-    name: str
-    size: int
-    shared: bool
-    named_file: bool
-    path: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -230,6 +212,7 @@ class RecordingPorts:
         self.device_state = b"devices-v1"
         self._definition = VmDefinition()
         self._failures: dict[str, str] = {}
+        self._executor: Executor | None = None
 
     def fail(self, operation: str, error: str) -> None:
         """Make the next call of ``operation`` (e.g. ``channel.open_write``) raise PortError."""
@@ -246,8 +229,16 @@ class RecordingPorts:
             raise PortError(error)
 
     def ports(self) -> Ports:
-        """These recording ports as the machine's four ports."""
+        """These recording ports as the simulated QEMU's four parts."""
         return Ports(memory=self, devices=_Devices(self), channel=self, host=self)
+
+    def executor(self) -> Executor:
+        """An executor (the model's QEMU) acting on these recording ports."""
+        from cprfsm._qemu import SimulatedQemu  # noqa: PLC0415 - _qemu builds on this module
+
+        if self._executor is None:
+            self._executor = SimulatedQemu(self.ports(), volatile=_volatile, closing=_nothing)
+        return self._executor
 
     # HostPort
     def start_qemu(self, definition: VmDefinition) -> None:
@@ -279,20 +270,8 @@ class RecordingPorts:
 
     # MemoryPort
     def blocks(self) -> tuple[RamBlock, ...]:
-        """One block for the backend, named as QEMU names it."""
-        kind, *options = self._definition.memory.split(",")
-        settings = dict(option.partition("=")[::2] for option in options)
-        shared = settings.get("share") == "on"
-        name = "pc.ram" if kind == "ram" and not options else settings.get("id", "ram0")
-        return (
-            RamBlock(
-                name=name,
-                size=self._definition.ram_size,
-                shared=shared,
-                named_file=kind == "file",
-                path=settings.get("path", f"/var/lib/cprfsm/{name}") if kind == "file" else None,
-            ),
-        )
+        """The blocks QEMU creates for the current definition."""
+        return ram_blocks(self._definition)
 
     def volatile(self, path: str) -> bool:
         """Paths under /dev/shm, /tmp and /run are volatile here."""
@@ -370,6 +349,10 @@ class _Devices:
         data = reader.read("devices")
         self._owner.device_state = data
         return Transfer(bytes=len(data), digest=_digest([data]))
+
+
+def _nothing() -> None:
+    pass
 
 
 def _volatile(path: str) -> bool:

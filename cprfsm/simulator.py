@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Self
 
 import attrs
 
+from cprfsm._qemu import SimulatedQemu
 from cprfsm.exceptions import UsageError
 from cprfsm.legality import MemoryBackend, _device
 from cprfsm.ports import PortError, Ports, RamBlock, Transfer, VmDefinition
@@ -38,6 +39,7 @@ from cprfsm.statefile import StateFileReader, StateFileWriter
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from cprfsm.executor import Executor
     from cprfsm.ports import StreamHeader, StreamReader, StreamWriter
 
 __all__ = ["IMAGE_FORMATS", "BlockDeviceChanged", "Simulator", "on_volatile_filesystem"]
@@ -349,6 +351,7 @@ class Simulator:
             channel=_Channel(self._host),
             host=self._host,
         )
+        self._executor: Executor | None = None
 
     def __enter__(self) -> Self:
         """Use the simulator in a with block."""
@@ -363,8 +366,16 @@ class Simulator:
         self._host.stop_qemu()
 
     def ports(self) -> Ports:
-        """The four ports for a :class:`~cprfsm.machine.VirtualMachine`."""
+        """The four parts the simulated QEMU acts through."""
         return self._ports
+
+    def executor(self) -> Executor:
+        """The executor of a :class:`~cprfsm.machine.VirtualMachine`: the model's QEMU, here."""
+        if self._executor is None:
+            self._executor = SimulatedQemu(
+                self._ports, volatile=self._host.volatile, closing=self.close
+            )
+        return self._executor
 
     def guest_write(self, marker: bytes, seed: int) -> None:
         """The guest fills all its RAM: ``marker`` and the offset open every 8 MiB, then a pattern.

@@ -26,10 +26,12 @@ __all__ = [
     "IncomingStarted",
     "MigrationStarted",
     "MigrationStatusReported",
+    "ModelDiverged",
     "OperationFailed",
     "OperationStarted",
     "ParametersSet",
     "QemuExited",
+    "QemuObserved",
     "QemuStarted",
     "QemuUpgraded",
     "RamLoaded",
@@ -278,3 +280,32 @@ class RamLoaded(Event):
     loaded: tuple[str, ...]
     kept: tuple[str, ...]
     digest: str
+
+
+@event("model.diverged")
+@attrs.frozen(kw_only=True)
+class ModelDiverged(Event):
+    """QEMU reported facts the model did not predict for ``command``; both sides are kept.
+
+    ``expected`` and ``observed`` are QMP event labels followed by ``runstate X``,
+    ``status Y`` and ``error Z``; the QemuObserved event that follows adopts QEMU's side.
+    """
+
+    command: str
+    expected: tuple[str, ...]
+    observed: tuple[str, ...]
+
+
+@event("qemu.observed")
+@attrs.frozen(kw_only=True)
+class QemuObserved(Event):
+    """QEMU's own account of its state (query-status, query-migrate), adopted as the truth.
+
+    Recorded when a watch begins, after a divergence, and when an interrupted
+    operation is settled; ``runstate`` None means no QEMU process was found.
+    """
+
+    runstate: str | None
+    status: str
+    error: str = ""
+    detail: str = ""

@@ -46,7 +46,9 @@ def cpr_reboot_cycle(store: SQLiteStore, vm_id: str, qemu: str = "10.0") -> list
     """Suspend, save, quit, reboot the host, restore and wake a VM; its state after each step."""
     ports = RecordingPorts()
     definition = VmDefinition(memory=PMEM, devices=("vfio",))
-    vm = VirtualMachine(vm_id, store=store, ports=ports.ports(), definition=definition, qemu=qemu)
+    vm = VirtualMachine(
+        vm_id, store=store, executor=ports.executor(), definition=definition, qemu=qemu
+    )
     history = [vm.state]
     steps: list[Callable[[], object]] = [
         vm.start,
@@ -275,7 +277,7 @@ class TestReplay:
             "statuses",
             "saved state",
         ]
-        assert f"vm:             {VM}, after event {saved.version} of 32" in lines
+        assert f"vm:             {VM}, after event {saved.version} of 27" in lines
         assert "runstate:       none (no QEMU process; last exit: quit)" in lines
         assert "capabilities:   x-ignore-shared" in lines
         assert "statuses:       outgoing none, incoming none" in lines
@@ -287,15 +289,15 @@ class TestReplay:
         intent = next(
             e
             for e in events
-            if isinstance(e.event, ev.OperationStarted) and e.event.operation == "ram.save"
+            if isinstance(e.event, ev.OperationStarted) and e.event.operation == "migrate"
         )
         status, out, _ = run(capsys, "replay", "--at", str(intent.version), logged.path)
         assert status == 0
         assert out.splitlines()[-1] == (
-            f"in flight:      ram.save on {STATE_URI} (intent recorded, no outcome yet)"
+            f"in flight:      migrate on {STATE_URI} (intent recorded, no outcome yet)"
         )
         expected = replay(VM, (e.event for e in events[: intent.version]), qemu="10.0")
-        assert expected.in_flight == ("ram.save", STATE_URI)
+        assert expected.in_flight == ("migrate", STATE_URI)
         assert replay_json(capsys, "--at", str(intent.version), logged.path) == as_json(expected)
 
     def test_several_vms_need_vm(
@@ -315,13 +317,13 @@ class TestReplay:
             at = str(state.version)
             assert replay_json(capsys, "--vm", "db-1", "--at", at, two_vms.path) == as_json(state)
 
-    @pytest.mark.parametrize("at", ["-1", "33", "1000"])
+    @pytest.mark.parametrize("at", ["-1", "28", "1000"])
     def test_at_out_of_range(
         self, capsys: pytest.CaptureFixture[str], logged: Logged, at: str
     ) -> None:
         """--at below 0 or beyond the log is a usage error naming the valid range."""
         status, out, err = run(capsys, "replay", "--at", at, logged.path)
-        assert_one_line_error(status, out, err, f"--at {at}", "give 0 to 32")
+        assert_one_line_error(status, out, err, f"--at {at}", "give 0 to 27")
 
     def test_module_entry_point(self, logged: Logged) -> None:
         """``python -m cprfsm replay STORE --json`` prints the live state."""

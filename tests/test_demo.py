@@ -112,7 +112,7 @@ def test_flipped_byte_names_the_section(tmp_path: Path) -> None:
     """One flipped byte in a RAM section fails the restore with that section's name."""
     with SQLiteStore(tmp_path / "log.sqlite") as store, Simulator(tmp_path / "sim") as sim:
         vm = VirtualMachine(
-            "vm", store=store, ports=sim.ports(), definition=VmDefinition(ram_size=SMALL)
+            "vm", store=store, executor=sim.executor(), definition=VmDefinition(ram_size=SMALL)
         )
         vm.start()
         sim.guest_write(b"marker", seed=7)

@@ -36,6 +36,31 @@ def caps(*names: str, **fields: object) -> Configuration:
 # rule id -> (command, configuration QEMU refuses, closest configuration it accepts).
 # Every rule of every modelled release must appear here (see test_every_rule_is_covered).
 CASES: dict[str, tuple[str, Configuration, Configuration]] = {
+    "qemu-not-running": (
+        "migrate",
+        Configuration(process="absent"),
+        Configuration(process="running"),
+    ),
+    "qemu-running": (
+        "start",
+        Configuration(process="running"),
+        Configuration(process="absent"),
+    ),
+    "guest-not-running": (
+        "guest-suspend",
+        Configuration(runstate="paused"),
+        Configuration(runstate="running"),
+    ),
+    "debug-stop-aborts-suspended": (
+        "debug-stop",
+        Configuration(runstate="suspended"),
+        Configuration(runstate="running"),
+    ),
+    "continue-needs-pre-switchover": (
+        "migrate-continue",
+        caps("pause-before-switchover", migration="active"),
+        caps("pause-before-switchover", migration="pre-switchover"),
+    ),
     "caps-while-migrating": (
         "migrate-set-capabilities",
         caps("events", migration="active"),

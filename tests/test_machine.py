@@ -42,7 +42,7 @@ def machine(
     ports = RecordingPorts()
     definition = VmDefinition(memory=memory, devices=devices)
     return VirtualMachine(
-        "vm", store=store, ports=ports.ports(), definition=definition, qemu=qemu
+        "vm", store=store, executor=ports.executor(), definition=definition, qemu=qemu
     ), ports
 
 
@@ -78,16 +78,13 @@ class TestCprRebootCycle:
         vm.set_capabilities({"x-ignore-shared": True})
         saved = vm.migrate(STATE_URI)
         assert tags(saved) == [
-            "migration.started",
             "operation.started",
+            "migration.started",
             "vm.stopped:finish-migrate",
             "migration.status:active",
-            "operation.started",
             "ram.saved",
             "migration.status:device",
-            "operation.started",
             "device-state.saved",
-            "operation.started",
             "state-file.written",
             "migration.status:completed",
             "vm.runstate-set:postmigrate",
@@ -130,7 +127,11 @@ class TestCprRebootCycle:
         vm.set_parameters(mode="cpr-reboot")
         calls = len(ports.calls)
         events = vm.migrate(STATE_URI)
-        assert tags(events) == ["migration.started", "migration.status:failed"]
+        assert tags(events) == [
+            "operation.started",
+            "migration.started",
+            "migration.status:failed",
+        ]
         assert events[-1].error == "VFIO device only supports cpr-reboot for runstate suspended"  # type: ignore[attr-defined]
         assert vm.state.runstate == "running"
         assert vm.state.outgoing_status == "failed"
@@ -460,7 +461,12 @@ class TestDataAtRisk:
         ports = RecordingPorts()
         definition = VmDefinition(memory="file,share=on,path=/dev/shm/guest-ram")
         vm = VirtualMachine(
-            "vm", store=store, ports=ports.ports(), definition=definition, qemu="10.0", strict=True
+            "vm",
+            store=store,
+            executor=ports.executor(),
+            definition=definition,
+            qemu="10.0",
+            strict=True,
         )
         vm.start()
         ports.write_guest(b"precious")
@@ -514,20 +520,36 @@ class TestSwitchover:
             "migration.status:cancelled",
         ]
 
-    def test_a_reloaded_controller_cannot_continue_but_can_cancel(self, store: EventStore) -> None:
-        """The stream died with the old controller: continue is refused, cancel resumes."""
+    def test_a_reloaded_controller_continues_the_migration_qemu_holds(
+        self, store: EventStore
+    ) -> None:
+        """The stream lives in QEMU (the executor), so a new controller can continue it."""
         vm, ports = machine(store)
         vm.start()
         vm.set_capabilities({"pause-before-switchover": True})
         vm.migrate(STATE_URI)
-        reloaded = VirtualMachine("vm", store=store, ports=ports.ports(), qemu="10.0")
-        with pytest.raises(IllegalTransition, match="controller that is gone"):
-            reloaded.migrate_continue()
-        reloaded.migrate_cancel()
+        reloaded = VirtualMachine("vm", store=store, executor=ports.executor(), qemu="10.0")
+        reloaded.migrate_continue()
         assert (reloaded.state.outgoing_status, reloaded.state.runstate) == (
-            "cancelled",
-            "running",
+            "completed",
+            "postmigrate",
         )
+        assert replayed(store) == reloaded.state
+
+    def test_a_controller_whose_qemu_is_gone_records_the_exit(self, store: EventStore) -> None:
+        """A new executor has no QEMU: continue finds none; the divergence and exit are kept."""
+        vm, _ = machine(store)
+        vm.start()
+        vm.set_capabilities({"pause-before-switchover": True})
+        vm.migrate(STATE_URI)
+        reloaded = VirtualMachine(
+            "vm", store=store, executor=RecordingPorts().executor(), qemu="10.0"
+        )
+        events = reloaded.migrate_continue()
+        assert tags(events) == ["operation.started", "model.diverged", "qemu.exited"]
+        assert reloaded.state.runstate is None
+        assert reloaded.runstate is None
+        assert replayed(store) == reloaded.state
 
     def test_continue_needs_pre_switchover(self, store: EventStore) -> None:
         """migrate-continue elsewhere is refused with QEMU's text."""
@@ -555,7 +577,7 @@ class TestReleases:
         vm.guest_suspend()
         vm.set_parameters(mode="cpr-reboot")
         saved = vm.migrate(STATE_URI)
-        assert tags(saved)[1] == "guest.woke-up"
+        assert tags(saved)[2] == "guest.woke-up"
         assert "vm.stopped:finish-migrate" in tags(saved)
 
     def test_9_0_has_no_device_status_without_pause_before_switchover(
@@ -639,7 +661,7 @@ class TestSnapshots:
         for last in range(1, len(full) + 1):
             expected = replay("vm", (r.event for r in full[:last]), qemu="10.0")
             assert rebuild(store, "vm", at=last, qemu="10.0") == expected
-        reloaded = VirtualMachine("vm", store=store, ports=ports.ports(), qemu="10.0")
+        reloaded = VirtualMachine("vm", store=store, executor=ports.executor(), qemu="10.0")
         assert reloaded.state == vm.state
 
     def test_foreign_snapshot_is_a_store_error(self, store: EventStore) -> None:
@@ -676,8 +698,10 @@ class TestLateFailures:
         vm.set_capabilities({"return-path": True})
         events = tags(vm.migrate(STATE_URI))
         assert events.index("vm.stopped:finish-migrate") < events.index("ram.saved")
-        assert events[-3:] == [
+        assert events[-5:] == [
             "migration.status:device",
+            "device-state.saved",
+            "state-file.written",
             "migration.status:failed",
             "vm.resumed:running",
         ]

@@ -33,7 +33,7 @@ CHILD = textwrap.dedent(
             return super().save(writer, skip)
 
     with SQLiteStore(sys.argv[1]) as store:
-        vm = VirtualMachine("vm", store=store, ports=SlowPorts().ports(), qemu="10.0")
+        vm = VirtualMachine("vm", store=store, executor=SlowPorts().executor(), qemu="10.0")
         vm.start()
         vm.set_parameters(mode="cpr-reboot")
         vm.migrate("file:/var/lib/cprfsm/vm.state")
@@ -42,23 +42,23 @@ CHILD = textwrap.dedent(
 
 
 def wait_for_intent(path: Path, deadline: float) -> None:
-    """Poll the store until the ram.save intent is recorded."""
+    """Poll the store until the migrate intent is recorded."""
     while time.monotonic() < deadline:
         try:
             with SQLiteStore(path, create=False) as store:
                 if any(
-                    isinstance(r.event, ev.OperationStarted) and r.event.operation == "ram.save"
+                    isinstance(r.event, ev.OperationStarted) and r.event.operation == "migrate"
                     for r in store.read("vm")
                 ):
                     return
         except StoreError:  # the child has not created the store yet
             pass
         time.sleep(0.05)
-    raise AssertionError("the child never recorded the ram.save intent")
+    raise AssertionError("the child never recorded the migrate intent")
 
 
 def test_sigkill_mid_save_leaves_the_intent_in_flight(tmp_path: Path) -> None:
-    """After SIGKILL the log replays, shows ram.save in flight, and recover() resumes the guest."""
+    """After SIGKILL the log replays with migrate in flight; recover() records QEMU gone."""
     path = tmp_path / "log.sqlite"
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)])
     try:
@@ -69,14 +69,13 @@ def test_sigkill_mid_save_leaves_the_intent_in_flight(tmp_path: Path) -> None:
     assert child.returncode == -signal.SIGKILL
     with SQLiteStore(path, create=False) as store:
         state = rebuild(store, "vm")
-        assert state.in_flight == ("ram.save", "file:/var/lib/cprfsm/vm.state")
-        assert (state.runstate, state.outgoing_status) == ("finish-migrate", "active")
-        vm = VirtualMachine("vm", store=store, ports=RecordingPorts().ports())
+        assert state.in_flight == ("migrate", "file:/var/lib/cprfsm/vm.state")
+        # Nothing QEMU reported was recorded: the outcome comes after the executor reports.
+        assert (state.runstate, state.outgoing_status) == ("running", "none")
+        vm = VirtualMachine("vm", store=store, executor=RecordingPorts().executor())
         events = vm.recover()
-        assert [type(e) for e in events] == [
-            ev.OperationFailed,
-            ev.MigrationStatusReported,
-            ev.VmResumed,
-        ]
-        assert (vm.state.in_flight, vm.state.runstate) == (None, "running")
+        assert [type(e) for e in events] == [ev.OperationFailed, ev.QemuObserved]
+        assert events[-1].runstate is None  # type: ignore[attr-defined]
+        assert (vm.state.in_flight, vm.state.runstate, vm.runstate) == (None, None, None)
         assert vm.recover() == ()
+        assert rebuild(store, "vm") == vm.state

@@ -50,7 +50,9 @@ def build(
 ) -> tuple[VirtualMachine, InMemoryStore, RecordingPorts]:
     """A fresh VM driven through ``path``."""
     store, ports = InMemoryStore(), RecordingPorts()
-    vm = VirtualMachine("vm", store=store, ports=ports.ports(), definition=definition, qemu=qemu)
+    vm = VirtualMachine(
+        "vm", store=store, executor=ports.executor(), definition=definition, qemu=qemu
+    )
     for command in path:
         run(vm, command)
     return vm, store, ports

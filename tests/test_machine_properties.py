@@ -85,7 +85,11 @@ class Lifecycle(RuleBasedStateMachine):
         definition = VmDefinition(memory=memory, devices=("vfio",) if vfio else ())
         self.qemu = qemu
         self.vm = VirtualMachine(
-            "vm", store=self.store, ports=self.ports.ports(), definition=definition, qemu=qemu
+            "vm",
+            store=self.store,
+            executor=self.ports.executor(),
+            definition=definition,
+            qemu=qemu,
         )
 
     @precondition(lambda self: self.vm is not None)

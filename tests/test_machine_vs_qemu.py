@@ -105,7 +105,7 @@ class Differential:
         self.directory = directory
         self.uri = f"file:{directory / 'vm.state'}"
         self.machine = VirtualMachine(
-            "vm", store=InMemoryStore(), ports=RecordingPorts().ports(), qemu="10.0"
+            "vm", store=InMemoryStore(), executor=RecordingPorts().executor(), qemu="10.0"
         )
         self.qemu: VM | None = None
         self.incoming = False

@@ -59,7 +59,9 @@ def machine(
 ) -> VirtualMachine:
     """A VM on the simulator."""
     definition = VmDefinition(memory=memory, ram_size=RAM, devices=devices)
-    return VirtualMachine("vm", store=store, ports=sim.ports(), definition=definition, qemu="10.0")
+    return VirtualMachine(
+        "vm", store=store, executor=sim.executor(), definition=definition, qemu="10.0"
+    )
 
 
 def configure(vm: VirtualMachine, *, ignore_shared: bool) -> None:

@@ -60,7 +60,7 @@ class SimulatedLifecycle(RuleBasedStateMachine):
         self.vm = VirtualMachine(
             "vm",
             store=self.store,
-            ports=self.simulator.ports(),
+            executor=self.simulator.executor(),
             definition=VmDefinition(memory=memory, ram_size=RAM),
             qemu="10.0",
         )
