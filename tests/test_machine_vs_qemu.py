@@ -20,9 +20,9 @@ from contextlib import ExitStack, suppress
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from qemu.guest import Guest
-from qemu.launcher import VM, VMConfig, settle_migration, wait_until, workdir
-from qemu.qmp import JSON, QMPError
+from live.guest import Guest
+from live.launcher import VM, VMConfig, settle_migration, wait_until, workdir
+from live.qmp import JSON, QMPError
 
 from cprfsm import IllegalTransition
 from cprfsm import vm_events as ev
