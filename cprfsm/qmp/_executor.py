@@ -329,11 +329,10 @@ class QmpExecutor:
         process = self._resources.process
         if process is None:
             return Exited(message="the QMP socket closed")
-        try:
-            returncode = process.wait(timeout=self.settle_timeout)
-        except subprocess.TimeoutExpired:
-            kill_group(process)
-            returncode = process.wait()
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=self.settle_timeout)
+        kill_group(process)  # what it left behind (exec: children), or itself if it hung
+        returncode = process.wait()
         self._resources.process = None
         return exited(returncode, last_words(self._log, self.qemu))
 
@@ -369,7 +368,9 @@ class QmpExecutor:
     # -- commands --------------------------------------------------------------------------
 
     def _command(self, name: str, arguments: Mapping[str, Any], facts: list[Fact]) -> Any:
-        connection = self._require_session(name)
+        connection = self._resources.connection
+        if connection is None or self._gone():
+            raise QmpGone(f"QEMU ended before {name}")
         try:
             return connection.command(name, arguments, self.command_timeout)
         finally:

@@ -49,10 +49,13 @@ def spawn(argv: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
 
 
 def kill_group(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
-    """SIGKILL the process and everything in its session (``exec:`` children), then reap it."""
-    if process.returncode is None:
-        with suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+    """SIGKILL the process and its process group (``exec:`` children), then reap it.
+
+    The group is killed even after QEMU itself ended: an ``exec:`` migration
+    command may outlive it.
+    """
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
     with suppress(subprocess.TimeoutExpired):
         process.wait(timeout=timeout)
 
