@@ -20,7 +20,6 @@ from contextlib import ExitStack, suppress
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from live.guest import Guest
 from live.launcher import VM, VMConfig, settle_migration, wait_until, workdir
 from live.qmp import JSON, QMPError
 
@@ -28,6 +27,7 @@ from cprfsm import IllegalTransition
 from cprfsm import vm_events as ev
 from cprfsm.machine import VirtualMachine
 from cprfsm.ports import RecordingPorts
+from cprfsm.qmp import Guest
 from cprfsm.store import InMemoryStore
 
 if TYPE_CHECKING:

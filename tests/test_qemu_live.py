@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from live.cells import CAPABILITIES, all_cells
-from live.guest import Guest
 from live.launcher import (
     VM,
     VMConfig,
@@ -26,6 +25,8 @@ from live.launcher import (
 )
 from live.qmp import JSON, QMPError
 from live.record import COLUMNS, Row, read_csv, record
+
+from cprfsm.qmp import Guest
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

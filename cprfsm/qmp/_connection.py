@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from typing import TYPE_CHECKING, Any, cast
 
 from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
@@ -12,9 +11,6 @@ from qemu.qmp import ExecInterruptedError, ExecuteError, QMPClient, QMPError, Ru
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Mapping
     from pathlib import Path
-
-# qemu.qmp logs a closed socket as an error; for an executor that is an expected fact.
-logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 class QmpRefused(Exception):
