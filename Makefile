@@ -45,7 +45,7 @@ docs: $(STAMP)
 	$(VENV)/bin/sphinx-build -W -q -b html docs docs/_build/html
 
 golden: $(STAMP)
-	$(PY) -m tests.qemu.record --out tests/golden/qemu-10.0.2.csv --jobs 2
+	$(PY) -m tests.live.record --out tests/golden/qemu-10.0.2.csv --jobs 2
 
 bench: $(STAMP)
 	$(PY) bench/run.py

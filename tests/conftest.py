@@ -11,7 +11,7 @@ import structlog
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-from qemu.launcher import EXPECTED_VERSION, qemu_missing_reason, qemu_version
+from live.launcher import EXPECTED_VERSION, qemu_missing_reason, qemu_version
 
 
 def _unavailable(reason: str) -> None:

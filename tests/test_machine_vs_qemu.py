@@ -20,14 +20,14 @@ from contextlib import ExitStack, suppress
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from qemu.guest import Guest
-from qemu.launcher import VM, VMConfig, settle_migration, wait_until, workdir
-from qemu.qmp import JSON, QMPError
+from live.launcher import VM, VMConfig, settle_migration, wait_until, workdir
+from live.qmp import JSON, QMPError
 
 from cprfsm import IllegalTransition
 from cprfsm import vm_events as ev
 from cprfsm.machine import VirtualMachine
 from cprfsm.ports import RecordingPorts
+from cprfsm.qmp import Guest
 from cprfsm.store import InMemoryStore
 
 if TYPE_CHECKING:

@@ -66,3 +66,13 @@ def test_import_does_not_pull_optional_packages() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_import_does_not_pull_the_qmp_extra() -> None:
+    """``import cprfsm`` loads neither ``cprfsm.qmp`` nor the ``qemu.qmp`` library it needs."""
+    code = (
+        "import sys, cprfsm, cprfsm.executor; "
+        "print([m for m in ('cprfsm.qmp', 'qemu', 'qemu.qmp', 'asyncio') if m in sys.modules])"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

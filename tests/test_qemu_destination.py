@@ -6,8 +6,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from qemu.launcher import VM, config_for, settle_migration, workdir
-from qemu.qmp import QMPError
+from live.launcher import VM, config_for, settle_migration, workdir
+from live.qmp import QMPError
 
 from cprfsm import Configuration, check
 

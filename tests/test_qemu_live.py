@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from qemu.cells import CAPABILITIES, all_cells
-from qemu.guest import Guest
-from qemu.launcher import (
+from live.cells import CAPABILITIES, all_cells
+from live.launcher import (
     VM,
     VMConfig,
     config_for,
@@ -24,8 +23,10 @@ from qemu.launcher import (
     wait_until,
     workdir,
 )
-from qemu.qmp import JSON, QMPError
-from qemu.record import COLUMNS, Row, read_csv, record
+from live.qmp import JSON, QMPError
+from live.record import COLUMNS, Row, read_csv, record
+
+from cprfsm.qmp import Guest
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

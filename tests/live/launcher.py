@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
-from .guest import Guest, write_boot_image
+from cprfsm.qmp import Guest, write_boot_image
+
 from .qmp import JSON, QMPClient
 
 if TYPE_CHECKING:

@@ -1,6 +1,6 @@
 """Record the golden legality matrix from live QEMU.
 
-Usage: python -m tests.qemu.record --out tests/golden/qemu-10.0.2.csv [--jobs 2]
+Usage: python -m tests.live.record --out tests/golden/qemu-10.0.2.csv [--jobs 2]
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""A small synchronous QMP client over a unix socket (stdlib only)."""
+"""The harness's QMP client: cprfsm.qmp's connection (qemu.qmp) behind the harness's API."""
 
 from __future__ import annotations
 
-import json
-import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from cprfsm.qmp._connection import Connection, QmpGone, QmpRefused, QmpTimeout
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -30,7 +30,10 @@ class QMPTimeoutError(TimeoutError):
 
 
 class QMPClient:
-    """Talk QMP to one QEMU: commands in order, events collected as they arrive."""
+    """Talk QMP to one QEMU: commands in order, events collected as they arrive.
+
+    A closed socket (QEMU died) raises ConnectionError.
+    """
 
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
         """Remember the socket path and the default per-call timeout.
@@ -40,9 +43,7 @@ class QMPClient:
         self.path = path
         self.timeout = timeout
         self.events: list[JSON] = []
-        self._sock: socket.socket | None = None
-        self._buf = b""
-        self._next_id = 0
+        self._connection: Connection | None = None
         self._consumed = 0
         self.pending: str | None = None
 
@@ -50,44 +51,41 @@ class QMPClient:
         """Connect (retrying until QEMU listens), read the greeting, negotiate."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            connection = Connection(self.path, self.path.stem)
             try:
-                sock.connect(str(self.path))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                sock.close()
+                connection.connect(max(deadline - time.monotonic(), 0.01))
+            except (QmpGone, QmpTimeout):
+                connection.close()
                 if time.monotonic() > deadline:
                     raise QMPTimeoutError(f"no QMP server at {self.path}") from None
                 time.sleep(0.01)
-        self._sock = sock
-        self._read_message(deadline)  # the greeting
-        self.execute("qmp_capabilities")
+            else:
+                self._connection = connection
+                return
 
     def close(self) -> None:
         """Close the socket (QEMU keeps running)."""
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     def execute(self, cmd: str, timeout: float | None = None, **args: Any) -> Any:
         """Run one command; return its result or raise QMPError with QEMU's class and text."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        self._next_id += 1
-        msg_id = self._next_id
-        request: JSON = {"execute": cmd, "id": msg_id}
-        if args:
-            request["arguments"] = args
+        connection = self._live()
         self.pending = cmd
-        self._socket().sendall(json.dumps(request).encode() + b"\n")
-        while True:
-            reply = self._read_message(deadline)
-            if reply.get("id") != msg_id:
-                continue
+        try:
+            result = connection.command(cmd, args, self.timeout if timeout is None else timeout)
+        except QmpRefused as exc:
             self.pending = None
-            if "error" in reply:
-                err = reply["error"]
-                raise QMPError(str(err["class"]), str(err["desc"]))
-            return reply["return"]
+            raise QMPError(exc.error_class, exc.desc) from None
+        except QmpGone as exc:
+            raise ConnectionError(f"QEMU closed the QMP socket {self.path}") from exc
+        except QmpTimeout as exc:
+            raise QMPTimeoutError(f"QMP timed out on {self.path}") from exc
+        finally:
+            self._collect()
+        self.pending = None
+        return result
 
     def wait_event(
         self,
@@ -97,13 +95,20 @@ class QMPClient:
     ) -> JSON:
         """Return the first not-yet-awaited event called `name` that satisfies `pred`."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        connection = self._live()
         while True:
+            self._collect()
             for index in range(self._consumed, len(self.events)):
                 event = self.events[index]
                 if event["event"] == name and (pred is None or pred(event)):
                     self._consumed = index + 1
                     return event
-            self._read_message(deadline)
+            remaining = deadline - time.monotonic()
+            if not connection.connected:
+                raise ConnectionError(f"QEMU closed the QMP socket {self.path}")
+            if remaining <= 0:
+                raise QMPTimeoutError(f"QMP timed out on {self.path}")
+            connection.wait_event(min(remaining, 0.1))
 
     def event_names(self) -> list[str]:
         """Collected events as short labels, e.g. `MIGRATION setup`, `STOP`."""
@@ -118,28 +123,14 @@ class QMPClient:
                 labels.append(str(event["event"]))
         return labels
 
-    def _socket(self) -> socket.socket:
-        if self._sock is None:
+    def _live(self) -> Connection:
+        if self._connection is None:
             raise RuntimeError("QMP client is not connected")
-        return self._sock
+        return self._connection
 
-    def _read_message(self, deadline: float) -> JSON:
-        """Read one JSON line; events are stored on the way, replies returned."""
-        sock = self._socket()
-        while b"\n" not in self._buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise QMPTimeoutError(f"QMP timed out on {self.path}")
-            sock.settimeout(remaining)
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                raise QMPTimeoutError(f"QMP timed out on {self.path}") from None
-            if not chunk:
-                raise ConnectionError(f"QEMU closed the QMP socket {self.path}")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        message: JSON = json.loads(line)
-        if "event" in message:
-            self.events.append(message)
-        return message
+    def _collect(self) -> None:
+        """Move the events read so far into `events`, in arrival order."""
+        if self._connection is not None:
+            self.events.extend(
+                {"event": name, "data": data} for name, data in self._connection.take_events()
+            )
