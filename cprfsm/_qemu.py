@@ -509,8 +509,14 @@ def report_of(state: VmState, events: tuple[Event, ...], *, ram_digest: str = ""
     """What an executor reports for ``events`` that left QEMU in ``state``."""
     facts: list[Fact] = []
     error = ""
+    # QEMU emits MIGRATION events only with the events capability on.
+    migration_events = "events" in state.capabilities
     for event in events:
-        facts.extend(_facts(event))
+        facts.extend(
+            fact
+            for fact in _facts(event)
+            if migration_events or not (isinstance(fact, QmpEvent) and fact.name == "MIGRATION")
+        )
         if isinstance(event, ev.MigrationStatusReported) and event.status == "failed":
             error = event.error
     incoming = state.incoming != "none"
