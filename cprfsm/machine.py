@@ -325,6 +325,35 @@ class VirtualMachine:
         self._adopt("observe", report)
 
     @_command
+    def attach(self) -> None:
+        """Adopt a QEMU the executor found already running (one someone else started).
+
+        Records the process as started in the runstate QEMU reports, then its
+        migration status; a QEMU the log already knows changes nothing.
+        """
+        if self._state.qemu_running:
+            return
+        report = self._executor.observe(0.0)
+        if report.runstate is None:
+            raise UsageError("the executor found no running QEMU to attach to")
+        definition = self._definition
+        self._record(
+            "attach",
+            ev.QemuStarted(
+                incarnation=self._state.incarnation + 1,
+                qemu_version=self._state.qemu_version,
+                host_boot=self._state.host_boot,
+                paused=report.runstate == "prelaunch",
+                incoming=report.runstate == "inmigrate",
+                runstate=report.runstate,
+                memory=definition.memory,
+                devices=definition.devices,
+                aux_ram_share=definition.aux_ram_share,
+            ),
+        )
+        self._adopt("attach", report)
+
+    @_command
     def recover(self) -> None:
         """Settle an operation whose intent is in the log but whose outcome is not.
 
@@ -469,7 +498,7 @@ class VirtualMachine:
                 self._model = load_model(state.qemu_version)
                 self._engine.detach()
                 self._engine = Engine(self._model, None, self)
-            if isinstance(event, ev.QemuObserved):
+            if isinstance(event, ev.QemuObserved | ev.QemuStarted):
                 self._engine.force(state.runstate)
             else:
                 self._engine.move(state.runstate)
