@@ -227,7 +227,10 @@ def load_model(version: str | None = None, *, path: str | Path | None = None) ->
 
     ``version`` may name a stable release (``10.0.2`` loads ``10.0``).
     Raises ModelError for a malformed file and UnknownNameError for a release
-    the file does not model.
+    the file does not model.  A model file is read as untrusted input: at most
+    2 MiB, nested at most 64 deep and 100,000 nodes with aliases expanded, no
+    control characters or non-core tags; breaking a limit is a ModelError
+    naming the file and line.
     """
     document = _load_document(str(path or default_model_path()))
     return document.at(document.resolve(version))
