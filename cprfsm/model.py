@@ -7,6 +7,7 @@ format is loaded with ``load_model(version, path=...)``.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import re
 from pathlib import Path
@@ -15,8 +16,8 @@ from typing import TYPE_CHECKING
 import attrs
 
 from cprfsm._conditions import Vocabulary, compile_condition
-from cprfsm._yamlnode import Node
-from cprfsm.exceptions import ModelError, UnknownNameError
+from cprfsm._yamlnode import Node, read_model_text
+from cprfsm.exceptions import UnknownNameError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -62,7 +63,10 @@ COMMANDS = (
 )
 
 SCHEMA_VERSION = 1
-_VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?$")
+# Release numbers have at most three digits a part, so every release is below _Span's
+# open end (1000.0) and a huge number is refused instead of parsed.
+_VERSION_RE = re.compile(r"v?([0-9]{1,3})\.([0-9]{1,3})(?:\.([0-9]{1,3}))?", re.ASCII)
+_RELEASE_RE = re.compile(r"(?:0|[1-9][0-9]{0,2})\.(?:0|[1-9][0-9]{0,2})", re.ASCII)
 _PLACEHOLDER_RE = re.compile(r"\{([a-z_]+)\}")
 _FREE_PLACEHOLDERS = frozenset({"region", "aux_region"})
 
@@ -234,7 +238,10 @@ def load_model(version: str | None = None, *, path: str | Path | None = None) ->
 
     ``version`` may name a stable release (``10.0.2`` loads ``10.0``).
     Raises ModelError for a malformed file and UnknownNameError for a release
-    the file does not model.
+    the file does not model.  A model file is read as untrusted input: at most
+    2 MiB, nested at most 64 deep and 100,000 nodes with aliases expanded, no
+    control characters or non-core tags; breaking a limit is a ModelError
+    naming the file and line.
     """
     document = _load_document(str(path or default_model_path()))
     return document.at(document.resolve(version))
@@ -244,7 +251,7 @@ def load_model(version: str | None = None, *, path: str | Path | None = None) ->
 
 
 def _version_key(text: str) -> tuple[int, int]:
-    match = _VERSION_RE.match(text)
+    match = _VERSION_RE.fullmatch(text)
     if match is None:
         raise ValueError(text)
     return int(match.group(1)), int(match.group(2))
@@ -255,7 +262,7 @@ class _Span:
     """The releases an entry applies to: ``since`` inclusive, ``until`` exclusive."""
 
     since: tuple[int, int] = (0, 0)
-    until: tuple[int, int] = (999, 0)
+    until: tuple[int, int] = (1000, 0)
 
     def covers(self, version: tuple[int, int]) -> bool:
         return self.since <= version < self.until
@@ -272,11 +279,36 @@ def _span(fields: dict[str, Node]) -> _Span:
             try:
                 bounds[key] = _version_key(raw)
             except ValueError:
-                fields[key].fail(f'{key} must be a QEMU release such as "9.0", not {raw!r}')
+                fields[key].fail(f'{key} must be a QEMU release such as "9.0", not {_quoted(raw)}')
     span = _Span(**bounds)
     if span.since >= span.until:
         fields["until"].fail("until must be a later release than since")
     return span
+
+
+def _quoted(text: str) -> str:
+    """``text`` quoted for a message, cut to a readable length."""
+    return repr(text) if len(text) <= 40 else repr(text[:40]) + "..."
+
+
+class _Claims:
+    """The release spans each name already holds: a duplicate check in O(log n) per entry."""
+
+    def __init__(self) -> None:
+        self._spans: dict[str, list[tuple[tuple[int, int], tuple[int, int]]]] = {}
+
+    def claim(self, name: str, span: _Span) -> bool:
+        """Record ``name`` for ``span``; False if it already holds an overlapping span."""
+        # A name's spans are disjoint and sorted, so only the neighbours can overlap.
+        spans = self._spans.setdefault(name, [])
+        entry = (span.since, span.until)
+        at = bisect.bisect_left(spans, entry)
+        if at > 0 and spans[at - 1][1] > span.since:
+            return False
+        if at < len(spans) and spans[at][0] < span.until:
+            return False
+        spans.insert(at, entry)
+        return True
 
 
 @attrs.frozen(eq=False)
@@ -304,7 +336,7 @@ class _Document:
     def resolve(self, version: str | None) -> str:
         if version is None:
             return self.releases[-1]
-        match = _VERSION_RE.match(version.strip())
+        match = _VERSION_RE.fullmatch(version.strip())
         if match is not None:
             short = f"{match.group(1)}.{match.group(2)}"
             if short in self.releases:
@@ -361,13 +393,7 @@ def _live_edges(
 
 @functools.cache
 def _load_document(path: str) -> _Document:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ModelError(path, None, "no such model file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelError(path, None, f"cannot read the model file: {exc}") from None
-    return _parse_document(Node.parse(text, path))
+    return _parse_document(Node.parse(read_model_text(path), path))
 
 
 _TOP_KEYS = frozenset(
@@ -413,16 +439,7 @@ def _parse_document(root: Node) -> _Document:
     modes = _parse_modes(top["modes"])
     devices = _parse_devices(top["devices"], frozenset(mode.name for _, mode in modes))
     memory = _parse_memory(top["memory_backends"])
-    host_facts = tuple(
-        HostFact(
-            name=f["name"].text("name"),
-            default=f["default"].flag("default"),
-            description=f["description"].text("description"),
-        )
-        for f in _records(
-            top["host_facts"], "a host fact", frozenset({"name", "default", "description"})
-        )
-    )
+    host_facts = _parse_host_facts(top["host_facts"])
     vocab = Vocabulary(
         capabilities=frozenset(name for _, name in capabilities),
         modes=frozenset(mode.name for _, mode in modes),
@@ -464,13 +481,33 @@ def _records(node: Node, what: str, keys: frozenset[str]) -> Iterator[dict[str, 
         yield fields
 
 
-def _section(node: Node, what: str) -> tuple[Node, str]:
-    fields = node.items(what, allowed=frozenset({"source", "values", "running", "from"}))
+def _unique(fields: dict[str, Node], what: str, seen: set[str]) -> str:
+    """The entry's name, which no earlier entry of the list may have."""
+    name = fields["name"].name("name")
+    if name in seen:
+        fields["name"].fail(f"{what} {name!r} is listed twice")
+    seen.add(name)
+    return name
+
+
+def _section(node: Node, what: str, body: str = "values") -> tuple[Node, str]:
+    fields = node.items(what, allowed=frozenset({"source", body}))
     source = fields["source"].text("source") if "source" in fields else ""
-    body = fields.get("values") or fields.get("from")
-    if body is None:
-        node.fail(f"{what} needs values")
-    return body, source
+    if body not in fields:
+        node.fail(f"{what} needs {body}")
+    return fields[body], source
+
+
+def _parse_host_facts(node: Node) -> tuple[HostFact, ...]:
+    seen: set[str] = set()
+    return tuple(
+        HostFact(
+            name=_unique(f, "host fact", seen),
+            default=f["default"].flag("default"),
+            description=f["description"].text("description"),
+        )
+        for f in _records(node, "a host fact", frozenset({"name", "default", "description"}))
+    )
 
 
 def _parse_releases(node: Node) -> tuple[tuple[str, ...], dict[str, str]]:
@@ -478,10 +515,8 @@ def _parse_releases(node: Node) -> tuple[tuple[str, ...], dict[str, str]]:
     checked: dict[str, str] = {}
     for fields in _records(node, "a release", frozenset({"version", "checked"})):
         version = fields["version"].text("version")
-        try:
-            _version_key(version)
-        except ValueError:
-            fields["version"].fail(f'a release must look like "10.0", not {version!r}')
+        if not _RELEASE_RE.fullmatch(version):
+            fields["version"].fail(f'a release must look like "10.0", not {_quoted(version)}')
         if version in checked:
             fields["version"].fail(f"release {version} is listed twice")
         releases.append(version)
@@ -494,10 +529,11 @@ def _parse_releases(node: Node) -> tuple[tuple[str, ...], dict[str, str]]:
 def _parse_runstates(node: Node) -> tuple[tuple[_Span, str, bool], ...]:
     body, _ = _section(node, "runstates")
     result: list[tuple[_Span, str, bool]] = []
+    claims = _Claims()
     for fields in _records(body, "a runstate", frozenset({"name", "live"})):
-        name = fields["name"].text("name")
+        name = fields["name"].name("name")
         span = _span(fields)
-        if any(name == seen and span.overlaps(other) for other, seen, _ in result):
+        if not claims.claim(name, span):
             fields["name"].fail(f"runstate {name!r} is listed twice for the same releases")
         result.append((span, name, fields["live"].flag("live")))
     return tuple(result)
@@ -506,7 +542,7 @@ def _parse_runstates(node: Node) -> tuple[tuple[_Span, str, bool], ...]:
 def _parse_transitions(
     node: Node, runstates: frozenset[str]
 ) -> tuple[tuple[_Span, str, str], ...]:
-    body, _ = _section(node, "runstate_transitions")
+    body, _ = _section(node, "runstate_transitions", "from")
     return _edges(body, runstates, "runstate")
 
 
@@ -556,10 +592,7 @@ def _parse_statuses(node: Node) -> tuple[tuple[tuple[_Span, str], ...], frozense
     for key in ("values", "running"):
         if key not in fields:
             node.fail(f"migration_statuses needs {key}")
-    statuses = tuple(
-        (_span(f), f["name"].text("name"))
-        for f in _records(fields["values"], "a migration status", frozenset({"name"}))
-    )
+    statuses = tuple(_versioned(fields["values"], "migration status"))
     known = {name for _, name in statuses}
     running = set()
     for name, child in fields["running"].texts("running"):
@@ -571,32 +604,36 @@ def _parse_statuses(node: Node) -> tuple[tuple[tuple[_Span, str], ...], frozense
 
 def _versioned_names(node: Node, what: str) -> Iterator[tuple[_Span, str]]:
     body, _ = _section(node, f"{what} values")
-    seen: list[tuple[_Span, str, Node]] = []
+    return _versioned(body, what)
+
+
+def _versioned(body: Node, what: str) -> Iterator[tuple[_Span, str]]:
+    """The names of a list of ``{name:, since:, until:}``, none twice for one release."""
+    claims = _Claims()
     for fields in _records(body, f"a {what}", frozenset({"name"})):
-        name = fields["name"].text("name")
+        name = fields["name"].name("name")
         span = _span(fields)
-        for other_span, other, _ in seen:
-            if other == name and other_span.overlaps(span):
-                fields["name"].fail(f"{what} {name!r} is listed twice for the same releases")
-        seen.append((span, name, fields["name"]))
+        if not claims.claim(name, span):
+            fields["name"].fail(f"{what} {name!r} is listed twice for the same releases")
         yield span, name
 
 
 def _parse_modes(node: Node) -> tuple[tuple[_Span, Mode], ...]:
     body, default_source = _section(node, "modes")
     result: list[tuple[_Span, Mode]] = []
+    claims = _Claims()
     for fields in _records(body, "a mode", frozenset({"name", "cpr", "stops_vm"})):
         stops = fields["stops_vm"].text("stops_vm")
         if stops not in {"at-connect", "at-switchover"}:
             fields["stops_vm"].fail("stops_vm must be at-connect or at-switchover")
         mode = Mode(
-            name=fields["name"].text("name"),
+            name=fields["name"].name("name"),
             cpr=fields["cpr"].flag("cpr"),
             stops_vm=stops,
             source=fields["source"].text("source") if "source" in fields else default_source,
         )
         span = _span(fields)
-        if any(m.name == mode.name and s.overlaps(span) for s, m in result):
+        if not claims.claim(mode.name, span):
             fields["name"].fail(f"mode {mode.name!r} is listed twice for the same releases")
         result.append((span, mode))
     return tuple(result)
@@ -606,8 +643,10 @@ def _parse_devices(
     node: Node, modes: frozenset[str]
 ) -> tuple[tuple[Device, tuple[tuple[_Span, DeviceBlocker], ...]], ...]:
     result = []
+    seen: set[str] = set()
     blocker_keys = frozenset({"modes", "error", "source", "hint"})
     for fields in _records(node, "a device", frozenset({"name", "description", "blockers"})):
+        name = _unique(fields, "device", seen)
         blockers = []
         for blocker in _records(fields["blockers"], "a device blocker", blocker_keys):
             names = set()
@@ -628,9 +667,7 @@ def _parse_devices(
                 hint=blocker["hint"].text("hint"),
             )
             blockers.append((_span(blocker), entry))
-        device = Device(
-            name=fields["name"].text("name"), description=fields["description"].text("description")
-        )
+        device = Device(name=name, description=fields["description"].text("description"))
         result.append((device, tuple(blockers)))
     return tuple(result)
 
@@ -638,7 +675,12 @@ def _parse_devices(
 def _parse_parameters(node: Node) -> tuple[tuple[_Span, Parameter], ...]:
     body, _ = _section(node, "parameters")
     result: list[tuple[_Span, Parameter]] = []
+    claims = _Claims()
     for fields in _records(body, "a parameter", frozenset({"name", "values", "default"})):
+        name = fields["name"].name("name")
+        span = _span(fields)
+        if not claims.claim(name, span):
+            fields["name"].fail(f"parameter {name!r} is listed twice for the same releases")
         values_node = fields["values"]
         values = (
             None
@@ -648,21 +690,17 @@ def _parse_parameters(node: Node) -> tuple[tuple[_Span, Parameter], ...]:
         default = fields["default"].scalar("default").lower()
         if values is not None and default not in values:
             fields["default"].fail(f"the default {default!r} is not among the values")
-        result.append(
-            (
-                _span(fields),
-                Parameter(name=fields["name"].text("name"), values=values, default=default),
-            )
-        )
+        result.append((span, Parameter(name=name, values=values, default=default)))
     return tuple(result)
 
 
 def _parse_transports(node: Node) -> tuple[Transport, ...]:
     body, _ = _section(node, "transports")
     keys = frozenset({"name", "seekable", "multi_channel", "streamable"})
+    seen: set[str] = set()
     return tuple(
         Transport(
-            name=f["name"].text("name"),
+            name=_unique(f, "transport", seen),
             seekable=f["seekable"].flag("seekable"),
             multi_channel=f["multi_channel"].flag("multi_channel"),
             streamable=f["streamable"].flag("streamable"),
@@ -675,12 +713,18 @@ def _parse_memory(node: Node) -> tuple[MemoryBackendKind, ...]:
     body, _ = _section(node, "memory_backends")
     keys = frozenset({"name", "object", "shareable", "named_file"})
     result = []
+    seen: set[tuple[str, str | None]] = set()
     for f in _records(body, "a memory backend", keys):
+        name = f["name"].name("name")
         obj = f["object"].scalar("object")
+        kind = (name, None if obj in {"null", "~", ""} else f["object"].name("object"))
+        if kind in seen:
+            f["name"].fail(f"memory backend {name!r} with object {obj} is listed twice")
+        seen.add(kind)
         result.append(
             MemoryBackendKind(
-                name=f["name"].text("name"),
-                object=None if obj in {"null", "~", ""} else obj,
+                name=name,
+                object=kind[1],
                 shareable=f["shareable"].flag("shareable"),
                 named_file=f["named_file"].flag("named_file"),
             )
@@ -704,6 +748,7 @@ def _fails_at(fields: dict[str, Node]) -> str:
 
 def _parse_rules(node: Node, vocab: Vocabulary) -> tuple[tuple[_Span, Rule], ...]:
     result: list[tuple[_Span, Rule]] = []
+    claims = _Claims()
     for element in node.elements("rules"):
         fields = element.items(
             "a rule", allowed=_RULE_KEYS | {"since", "until", "asynchronous", "aborts", "fails_at"}
@@ -711,7 +756,7 @@ def _parse_rules(node: Node, vocab: Vocabulary) -> tuple[tuple[_Span, Rule], ...
         missing = sorted(_RULE_KEYS - fields.keys())
         if missing:
             element.fail(f"the rule lacks {', '.join(missing)}")
-        rule_id = fields["id"].text("id")
+        rule_id = fields["id"].name("id")
         commands = []
         for command, child in fields["command"].texts("command"):
             if command not in COMMANDS:
@@ -724,9 +769,8 @@ def _parse_rules(node: Node, vocab: Vocabulary) -> tuple[tuple[_Span, Rule], ...
                 if placeholder not in binds | _FREE_PLACEHOLDERS:
                     fields[key].fail(f"{{{placeholder}}} is not bound by this rule's condition")
         span = _span(fields)
-        for other_span, other in result:
-            if other.id == rule_id and other_span.overlaps(span):
-                fields["id"].fail(f"rule {rule_id!r} is defined twice for the same releases")
+        if not claims.claim(rule_id, span):
+            fields["id"].fail(f"rule {rule_id!r} is defined twice for the same releases")
         rule = Rule(
             id=rule_id,
             commands=tuple(commands),

@@ -38,7 +38,16 @@ The reader indexes the sections when it opens a file (it reads the records,
 not the payloads) and checks the preamble, the header, every record and the
 end marker then; each payload is checked when it is read.  Damage raises a
 :class:`StateFileError` subclass naming the file, and the section for a
-damaged payload.  I/O failures raise :class:`~cprfsm.ports.PortError` with
+damaged payload.
+
+A state file is untrusted input: a length is compared with the file's real
+size before anything is read or allocated for it, the header is at most
+:data:`MAX_HEADER_BYTES` of JSON nested at most :data:`MAX_HEADER_DEPTH` deep,
+and the header and section directory are checked against an explicit schema
+(:func:`check_header`; names, types, the runstate and mode known) whether or
+not the checksums match, so a crafted file fails with
+:class:`InvalidHeader` or :class:`InvalidSection` naming the field or
+section, before a caller sees any of it.  I/O failures raise :class:`~cprfsm.ports.PortError` with
 QEMU's text (``Could not create '…': …``, ``Unable to write to file: …``).
 """
 
@@ -48,13 +57,15 @@ import errno
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 import threading
 import weakref
 import zlib
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Self, TypeAlias
 
 import attrs
 
@@ -66,16 +77,26 @@ if TYPE_CHECKING:
 __all__ = [
     "MACHINE",
     "MAGIC",
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_DEPTH",
+    "MAX_SECTIONS",
+    "MAX_SECTION_NAME",
+    "QEMU_MODES",
+    "QEMU_RUNSTATES",
     "VERSION",
     "CorruptSection",
     "CorruptStateFile",
     "ForeignStateFile",
+    "InvalidHeader",
+    "InvalidSection",
     "MissingSection",
+    "NameCheck",
     "StateFileError",
     "StateFileReader",
     "StateFileWriter",
     "TruncatedStateFile",
     "UnsupportedStateFile",
+    "check_header",
 ]
 
 MAGIC = b"\x89CPR\r\n\x1a\n"
@@ -86,6 +107,46 @@ VERSION = 1
 
 MACHINE = "pc"
 """The QEMU machine type the state files describe."""
+
+MAX_HEADER_BYTES = 64 * 2**10
+"""The largest header read (a real one is about 150 bytes; 64 KiB holds any capability list)."""
+
+MAX_HEADER_DEPTH = 4
+"""The deepest JSON nesting of a header (a real one nests 2: an object holding a list)."""
+
+MAX_SECTION_NAME = 1024
+"""The longest section name in bytes (a real one is ``devices/<node>`` or ``ram/<block>/<n>``)."""
+
+MAX_SECTIONS = 2**18
+"""The most sections a file may hold: 2 TiB of RAM in the simulator's 8 MiB sections."""
+
+QEMU_RUNSTATES = frozenset(
+    {
+        "debug",
+        "inmigrate",
+        "internal-error",
+        "io-error",
+        "paused",
+        "postmigrate",
+        "prelaunch",
+        "finish-migrate",
+        "restore-vm",
+        "running",
+        "save-vm",
+        "shutdown",
+        "suspended",
+        "watchdog",
+        "guest-panicked",
+        "colo",
+    }
+)
+"""QEMU's RunState names (qapi/run-state.json): what a header's runstate may be by default."""
+
+QEMU_MODES = frozenset({"normal", "cpr-reboot", "cpr-transfer"})
+"""QEMU's MigMode names (qapi/migration.json) in the modelled releases."""
+
+NameCheck: TypeAlias = Callable[[str], bool] | Collection[str]
+"""The valid names of a header field: a collection of them, or a predicate."""
 
 _QEMU_MAGIC = b"QEVM"
 _PREAMBLE = struct.Struct(">HI")
@@ -161,6 +222,31 @@ class CorruptSection(CorruptStateFile):
         )
 
 
+class InvalidHeader(CorruptStateFile):
+    """The header breaks the schema (a crafted or foreign file); ``field`` names the field."""
+
+    def __init__(self, path: str, field: str | None, problem: str) -> None:
+        """Name the field (None for the header as a whole) and what is wrong with it."""
+        self.field = field
+        what = "the header" if field is None else f"the header field {field!r}"
+        super().__init__(path, f"{what} {problem}; save the VM again to replace the file")
+
+
+class InvalidSection(CorruptStateFile):
+    """A section record breaks the schema; ``section`` names it (None if its name is bad)."""
+
+    def __init__(self, path: str, section: str | None, offset: int, problem: str) -> None:
+        """Name the section, or the byte its record starts at, and what is wrong."""
+        self.section = section
+        self.offset = offset
+        what = (
+            f"the section record at byte {offset}"
+            if section is None
+            else f"section {section!r} (record at byte {offset})"
+        )
+        super().__init__(path, f"{what} {problem}; save the VM again to replace the file")
+
+
 class MissingSection(StateFileError):
     """The file has no section of that name."""
 
@@ -202,6 +288,7 @@ class StateFileWriter:
     def __init__(self, path: str | os.PathLike[str], header: StreamHeader) -> None:
         """Start a state file for ``path`` (QEMU's ``Could not create '…': …`` on failure)."""
         self._path = os.fspath(path)
+        check_header(header, runstates=None, modes=None, path=self._path)
         target = Path(self._path)
         if target.is_dir():
             raise PortError(f"Could not create '{self._path}': {os.strerror(errno.EISDIR)}")
@@ -227,6 +314,11 @@ class StateFileWriter:
         """Append one named section (StateFileError if the name is already used)."""
         if section in self._checksums:
             raise StateFileError(self._path, f"section {section!r} written twice to {self._path}")
+        problem = _name_problem(section)
+        if problem is not None:
+            raise StateFileError(self._path, f"section name '{_quote(section)}' {problem}")
+        if len(self._checksums) >= MAX_SECTIONS:
+            raise StateFileError(self._path, f"a state file holds at most {MAX_SECTIONS} sections")
         name = section.encode()
         with memoryview(data) as view:
             head = _SECTION + _NAME_LENGTH.pack(len(name)) + name + _LENGTH.pack(view.nbytes)
@@ -319,8 +411,18 @@ class StateFileReader:
     payload it returns.  Close it, or use it as a context manager.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        """Open and index ``path`` (QEMU's ``Could not open '…': …`` if it cannot be opened)."""
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        runstates: NameCheck = QEMU_RUNSTATES,
+        modes: NameCheck = QEMU_MODES,
+    ) -> None:
+        """Open, index and check ``path``; ``runstates`` and ``modes`` are the valid names.
+
+        QEMU's ``Could not open '…': …`` if it cannot be opened; a StateFileError
+        subclass if it is damaged or its header breaks the schema.
+        """
         self._path = os.fspath(path)
         try:
             fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
@@ -330,6 +432,7 @@ class StateFileReader:
         self._close = weakref.finalize(self, os.close, fd)
         try:
             self._header, self._index = _Scan(fd, self._path).run()
+            check_header(self._header, runstates=runstates, modes=modes, path=self._path)
         except BaseException:
             self._close()
             raise
@@ -349,7 +452,7 @@ class StateFileReader:
 
     @property
     def header(self) -> StreamHeader:
-        """The stream's configuration and global state."""
+        """The stream's configuration and global state, already checked by :func:`check_header`."""
         return self._header
 
     @property
@@ -390,7 +493,15 @@ class StateFileReader:
 
 
 class _Scan:
-    """One pass over the records of a state file: header and section index."""
+    """One pass over the records of a state file: header and section index.
+
+    Every length is compared with the file's size before it is read, so a
+    damaged or crafted length costs nothing; names and the directory are
+    checked against the schema whatever the checksums say.
+    """
+
+    # The smallest file that can follow a position: the end marker.
+    _END_SIZE = 1 + _COUNT.size + _DIGEST_SIZE
 
     def __init__(self, fd: int, path: str) -> None:
         self._fd = fd
@@ -402,14 +513,19 @@ class _Scan:
     def run(self) -> tuple[StreamHeader, dict[str, _Section]]:
         header = self._preamble()
         index: dict[str, _Section] = {}
-        pos = self._consumed
+        pos = first = self._consumed
         while True:
             tag = self._take(pos, 1, "before the end marker")
             if tag == _END:
                 self._end(pos, len(index))
+                _check_directory(self._path, index, first, pos)
                 return header, index
             if tag != _SECTION:
                 raise CorruptStateFile(self._path, f"unexpected byte {tag!r} at byte {pos}")
+            if len(index) >= MAX_SECTIONS:
+                raise InvalidSection(
+                    self._path, None, pos, f"is past the limit of {MAX_SECTIONS} sections"
+                )
             name, entry = self._record(pos)
             if name in index:
                 raise CorruptStateFile(self._path, f"section {name!r} appears twice")
@@ -425,6 +541,12 @@ class _Scan:
         version, length = _PREAMBLE.unpack_from(start, len(MAGIC))
         if version != VERSION:
             raise UnsupportedStateFile(self._path, version)
+        if length > MAX_HEADER_BYTES:
+            raise InvalidHeader(
+                self._path,
+                None,
+                f"claims {length} bytes, more than the {MAX_HEADER_BYTES} allowed",
+            )
         raw = self._take(len(start), length + _CRC.size, "inside the header")
         body, (crc,) = raw[:length], _CRC.unpack_from(raw, length)
         if zlib.crc32(body) != crc:
@@ -442,8 +564,18 @@ class _Scan:
         record = _SECTION + _NAME_LENGTH.pack(length) + rest
         if zlib.crc32(record[: -_CRC.size]) != record_crc:
             raise CorruptStateFile(self._path, f"the section record at byte {pos} is damaged")
-        name = rest[:length].decode(errors="replace")
+        try:
+            name = rest[:length].decode()
+        except UnicodeDecodeError:
+            raise InvalidSection(self._path, None, pos, "has a name that is not UTF-8") from None
+        problem = _name_problem(name)
+        if problem is not None:
+            raise InvalidSection(self._path, None, pos, f"has a name that {problem}")
         offset = pos + len(record)
+        if size > self._size:
+            raise InvalidSection(
+                self._path, name, pos, f"claims {size} bytes, more than the whole file holds"
+            )
         trailer = self._take(offset + size, _CRC.size, f"inside section {name!r}")
         self._digest.update(record + trailer)
         self._consumed = offset + size + _CRC.size
@@ -466,13 +598,28 @@ class _Scan:
             )
 
     def _take(self, offset: int, length: int, where: str) -> bytes:
-        data = self._read(offset, length)
-        if len(data) < length:
+        """Exactly ``length`` bytes at ``offset``; nothing is read past the file's size."""
+        if offset + length > self._size:
             raise TruncatedStateFile(self._path, self._size, where)
+        data = self._read(offset, length)
+        if len(data) < length:  # the file shrank since it was opened
+            raise TruncatedStateFile(self._path, offset + len(data), where)
         return data
 
     def _read(self, offset: int, length: int) -> bytes:
-        return _read_at(self._fd, offset, length)
+        return _read_at(self._fd, offset, min(length, max(self._size - offset, 0)))
+
+
+def _check_directory(path: str, index: dict[str, _Section], start: int, end: int) -> None:
+    """The sections lie in file order between the header and the end marker, apart."""
+    low = start
+    for name, entry in index.items():
+        stop = entry.offset + entry.length + _CRC.size
+        if entry.offset < low or stop > end or entry.length < 0:
+            raise InvalidSection(
+                path, name, entry.offset, "overlaps another section or lies outside the file"
+            )
+        low = stop
 
 
 def _preamble(header: StreamHeader) -> bytes:
@@ -491,25 +638,147 @@ def _preamble(header: StreamHeader) -> bytes:
     return MAGIC + _PREAMBLE.pack(VERSION, len(body)) + body + _CRC.pack(zlib.crc32(body))
 
 
+_HEADER_FIELDS = ("qemu_version", "machine", "mode", "validated", "runstate", "was_suspended")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_HEADER_NAME = re.compile(r"[a-z0-9][a-z0-9_.+-]{0,63}", re.ASCII)
+_HEADER_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z_.+-]{0,31}", re.ASCII)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_MAX_VALIDATED = 256
+
+
 def _decode_header(body: bytes, path: str) -> StreamHeader:
+    """The header's JSON as a StreamHeader, every field checked for shape."""
+    _check_depth(body, path)
     try:
-        fields: dict[str, Any] = json.loads(body)
-        machine = fields["machine"]
-        header = StreamHeader(
-            qemu_version=str(fields["qemu_version"]),
-            mode=str(fields["mode"]),
-            validated=frozenset(str(name) for name in fields["validated"]),
-            runstate=str(fields["runstate"]),
-            was_suspended=bool(fields["was_suspended"]),
+        fields = json.loads(
+            body.decode(), object_pairs_hook=_unique_keys, parse_constant=_no_constant
         )
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CorruptStateFile(path, f"the header is not a stream header ({exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise InvalidHeader(path, None, f"is not JSON ({_first_line(exc)})") from None
+    if not isinstance(fields, dict):
+        raise InvalidHeader(path, None, f"is a JSON {type(fields).__name__}, not an object")
+    for field in fields:
+        if field not in _HEADER_FIELDS:
+            raise InvalidHeader(path, _quote(field), "is not a header field")
+    for field in _HEADER_FIELDS:
+        if field not in fields:
+            raise InvalidHeader(path, field, "is missing")
+    machine = fields["machine"]
+    if not isinstance(machine, str):
+        raise InvalidHeader(path, "machine", "must be a string")
     if machine != MACHINE:
         # QEMU's configuration-section check (migration/savevm.c).
         raise StateFileError(
-            path, f"Machine type received is '{machine}' and local is '{MACHINE}'"
+            path, f"Machine type received is '{_quote(machine)}' and local is '{MACHINE}'"
         )
+    validated = fields["validated"]
+    _check_validated(validated, path)
+    if len(set(validated)) != len(validated):
+        raise InvalidHeader(path, "validated", "names a capability twice")
+    header = StreamHeader(
+        qemu_version=fields["qemu_version"],
+        mode=fields["mode"],
+        validated=frozenset(validated),
+        runstate=fields["runstate"],
+        was_suspended=fields["was_suspended"],
+    )
+    _check_shape(header, path)
     return header
+
+
+def check_header(
+    header: StreamHeader,
+    *,
+    runstates: NameCheck | None = QEMU_RUNSTATES,
+    modes: NameCheck | None = QEMU_MODES,
+    path: str = "the stream",
+) -> StreamHeader:
+    """Return ``header`` if it fits the schema, else raise InvalidHeader naming the field.
+
+    Every field must have its type and a name's spelling; ``runstate`` must be
+    one of ``runstates`` and ``mode`` one of ``modes`` (a collection of names
+    or a predicate; None accepts any well-spelled name).  The reader calls it
+    before returning a header, so a caller can pass its model's names and
+    check a header before it records anything.
+    """
+    _check_shape(header, path)
+    for field, value, valid in (
+        ("runstate", header.runstate, runstates),
+        ("mode", header.mode, modes),
+    ):
+        if valid is not None and not (valid(value) if callable(valid) else value in valid):
+            raise InvalidHeader(path, field, f"is '{_quote(value)}', not a known {field}")
+    return header
+
+
+def _check_shape(header: StreamHeader, path: str) -> None:
+    """The types and spellings of the header's fields."""
+    version: object = header.qemu_version
+    if not isinstance(version, str) or not _HEADER_VERSION.fullmatch(version):
+        raise InvalidHeader(path, "qemu_version", 'must be a QEMU release such as "10.0"')
+    for field in ("mode", "runstate"):
+        value: object = getattr(header, field)
+        if not isinstance(value, str) or not _HEADER_NAME.fullmatch(value):
+            raise InvalidHeader(path, field, "must be a name of at most 64 lowercase characters")
+    _check_validated(header.validated, path)
+    suspended: object = header.was_suspended
+    if not isinstance(suspended, bool):
+        raise InvalidHeader(path, "was_suspended", "must be true or false")
+
+
+def _check_depth(body: bytes, path: str) -> None:
+    """The JSON in ``body`` nests at most MAX_HEADER_DEPTH deep (before json parses it)."""
+    depth = 0
+    for byte in _JSON_STRING.sub(b'""', body):
+        if byte in b"[{":
+            depth += 1
+            if depth > MAX_HEADER_DEPTH:
+                raise InvalidHeader(path, None, f"nests deeper than {MAX_HEADER_DEPTH} levels")
+        elif byte in b"]}":
+            depth -= 1
+
+
+def _check_validated(validated: object, path: str) -> None:
+    """``validated`` is a list or set of at most _MAX_VALIDATED capability names."""
+    if not isinstance(validated, frozenset | set | list | tuple):
+        raise InvalidHeader(path, "validated", "must be a list of capability names")
+    if len(validated) > _MAX_VALIDATED:
+        raise InvalidHeader(path, "validated", f"lists more than {_MAX_VALIDATED} capabilities")
+    for name in validated:
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise InvalidHeader(path, "validated", "must list capability names")
+
+
+def _name_problem(name: str) -> str | None:
+    """What is wrong with a section name, or None."""
+    if not name:
+        return "is empty"
+    if len(name.encode(errors="replace")) > MAX_SECTION_NAME:
+        return f"is longer than {MAX_SECTION_NAME} bytes"
+    if _CONTROL.search(name) or not name.isprintable():
+        return "holds control characters"
+    return None
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("an object repeats a key")
+    return result
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a number")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _quote(text: str) -> str:
+    """``text`` for a message: at most 64 characters, control characters escaped."""
+    shown = repr(text[:64])[1:-1]
+    return shown + "..." if len(text) > 64 else shown
 
 
 def _write_all(fd: int, data: Buffer) -> int:
