@@ -681,7 +681,7 @@ def _observation(report: Report, *, transfers: bool) -> tuple[str, ...]:
         labels.append(f"refused {report.refused}")
     labels.append(f"runstate {report.runstate or 'none (no process)'}")
     labels.append(f"status {report.status}")
-    if report.error:
+    if report.status == "failed":  # a cancelled migration may carry a channel error too
         labels.append(f"error {report.error}")
     return tuple(labels)
 
