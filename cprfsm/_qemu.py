@@ -24,7 +24,7 @@ from cprfsm.executor import (
     VmDefinition,
     ram_blocks,
 )
-from cprfsm.legality import Configuration, MemoryBackend, check
+from cprfsm.legality import Configuration, MemoryBackend, check, stall
 from cprfsm.lifecycle import fold, initial_state
 from cprfsm.model import load_model
 from cprfsm.ports import PortError, Ports, StreamHeader, StreamReader, StreamWriter, Transfer
@@ -182,14 +182,12 @@ class ModelQemu:
 
     # --- outgoing migration ----------------------------------------------------------------
 
-    def _migrate(self, *, uri: str) -> None:
+    def _migrate(self, *, uri: str, rests_in: str | None = None) -> None:
+        del rests_in  # a waiting hint for executors that poll QEMU; the model knows
         state = self.state
-        verdict = check(
-            configuration(state, self._definition, uri=uri),
-            "migrate",
-            model=self._model,
-            walk=False,
-        )
+        config = configuration(state, self._definition, uri=uri)
+        verdict = check(config, "migrate", model=self._model, walk=False)
+        stalled = stall(config, "migrate", self._model)
         self._emit(
             ev.MigrationStarted(
                 uri=uri,
@@ -221,11 +219,25 @@ class ModelQemu:
         except PortError as exc:
             self._status("outgoing", "failed", exc.error)
             return
+        if stalled is not None:
+            self._stall(writer)
+            return
         try:
             self._save(writer, uri, late_failure)
         except PortError as exc:
             writer.abort()
             self._compensate("failed", exc.error)
+
+    def _stall(self, writer: StreamWriter) -> None:
+        """QEMU writes RAM, stops the guest, reaches device and waits there for good."""
+        stops_at_connect = self._model.mode(self.state.mode).stops_vm == "at-connect"
+        if stops_at_connect:
+            self._stop_for_migration()
+        self._status("outgoing", "active")
+        if not stops_at_connect:
+            self._stop_for_migration()
+        self._status("outgoing", "device")
+        self._writer = writer
 
     def _save(self, writer: StreamWriter, uri: str, late_failure: str | None) -> None:
         state = self.state
@@ -251,7 +263,7 @@ class ModelQemu:
         else:
             self._switch_over(writer, uri, late_failure)
 
-    def _migrate_continue(self, **_: Any) -> None:
+    def _migrate_continue(self, **_: Any) -> None:  # state=pre-switchover, rests_in=...
         writer, self._writer = self._writer, None
         uri = self.state.migration.uri if self.state.migration else ""
         if writer is None:  # a dry prediction: the stream is QEMU's, not the model's

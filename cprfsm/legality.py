@@ -240,9 +240,18 @@ def check(
         reason
         for step in steps
         for rule in model.rules_for(step)
-        if (reason := _match(rule, step, facts))
+        if rule.fails_at != "never" and (reason := _match(rule, step, facts))
     )
     return Verdict(qemu=model.version, command=command, steps=steps, reasons=reasons)
+
+
+def stall(config: Configuration, command: str, model: QemuModel) -> Reason | None:
+    """The rule by which an accepted ``command`` never ends (QEMU waits in ``device``)."""
+    facts = _facts(model, config)
+    for rule in model.rules_for(command):
+        if rule.fails_at == "never" and (reason := _match(rule, command, facts)):
+            return reason
+    return None
 
 
 def _steps(config: Configuration, command: str) -> tuple[str, ...]:

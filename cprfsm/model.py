@@ -143,7 +143,9 @@ class Rule:
     """One legality rule: when it applies, which command refuses, and QEMU's words.
 
     ``asynchronous`` rules fail a migration after the command succeeded, at
-    ``fails_at`` (``setup``, before the VM stops, or ``completion``);
+    ``fails_at`` (``setup``, before the VM stops, or ``completion``), or make it
+    wait for good (``never``: QEMU stops the VM and rests in status ``device``,
+    which is no refusal, so :func:`cprfsm.check` does not report it);
     ``aborts`` rules predict that QEMU aborts (its runstate table forbids a
     change its own code asks for).  ``capabilities`` are the capabilities the
     condition names; ``line`` is where the rule starts in its model file.
@@ -741,8 +743,8 @@ def _fails_at(fields: dict[str, Node]) -> str:
     if "asynchronous" not in fields or not fields["asynchronous"].flag("asynchronous"):
         fields["fails_at"].fail("fails_at only applies to an asynchronous rule")
     value = fields["fails_at"].text("fails_at")
-    if value not in {"setup", "completion"}:
-        fields["fails_at"].fail(f"fails_at must be setup or completion, not {value!r}")
+    if value not in {"setup", "completion", "never"}:
+        fields["fails_at"].fail(f"fails_at must be setup, completion or never, not {value!r}")
     return value
 
 

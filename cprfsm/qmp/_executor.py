@@ -502,16 +502,18 @@ class QmpExecutor:
 
     def _migrate(self, arguments: Mapping[str, Any], facts: list[Fact]) -> None:
         self._remember_state_file(arguments)
-        self._command("migrate", arguments, facts)
-        self._settle_outgoing(facts)
+        qmp = {key: value for key, value in arguments.items() if key != "rests_in"}
+        self._command("migrate", qmp, facts)
+        self._settle_outgoing(facts, arguments.get("rests_in"))
 
     def _continue(self, arguments: Mapping[str, Any], facts: list[Fact]) -> None:
-        self._command("migrate-continue", {"state": "pre-switchover", **arguments}, facts)
+        qmp = {key: value for key, value in arguments.items() if key != "rests_in"}
+        self._command("migrate-continue", {"state": "pre-switchover", **qmp}, facts)
         self._poll(
             lambda: True if self._migration(facts).get("status") != "pre-switchover" else None,
             "the migration to leave pre-switchover",
         )
-        self._settle_outgoing(facts)
+        self._settle_outgoing(facts, arguments.get("rests_in"))
 
     def _cancel(self, arguments: Mapping[str, Any], facts: list[Fact]) -> None:
         self._command("migrate_cancel", arguments, facts)
@@ -542,12 +544,21 @@ class QmpExecutor:
     def _runstate(self, facts: list[Fact]) -> str:
         return str(self._command("query-status", {}, facts)["status"])
 
-    def _settle_outgoing(self, facts: list[Fact]) -> None:
-        """Wait for a settled status (terminal: also out of finish-migrate, error text set)."""
+    def _settle_outgoing(self, facts: list[Fact], rests_in: str | None = None) -> None:
+        """Wait for a settled status (terminal: also out of finish-migrate, error text set).
+
+        ``rests_in`` is a status the caller expects QEMU to wait in for good (a
+        stalled migration): once QEMU has held it for ``event_wait`` it counts as settled.
+        """
+        held: list[float] = []
 
         def settled() -> str | None:
             info = self._migration(facts)
             status = str(info.get("status", "none"))
+            if status == rests_in:
+                held.append(time.monotonic())
+                return status if held[-1] - held[0] >= self.event_wait else None
+            held.clear()
             if status not in SETTLED_STATUSES:
                 return None
             if status in _TERMINAL and (
