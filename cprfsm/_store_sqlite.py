@@ -384,6 +384,8 @@ class SQLiteStore:
                 _check_empty(connection, check, first, last)
         except sqlite3.Error as exc:
             raise self._translated(exc) from exc
+        except UnicodeDecodeError:
+            raise _not_utf8(self._path) from None
 
     def verify(self, stream_id: str) -> int:
         """Check the whole stream without decoding its events; its version if it is intact.
@@ -431,6 +433,8 @@ class SQLiteStore:
                 found.update(stream_id for (stream_id,) in connection.execute(_HEAD_STREAMS))
         except sqlite3.Error as exc:
             raise self._translated(exc) from exc
+        except UnicodeDecodeError:
+            raise _not_utf8(self._path) from None
         if not all(type(stream_id) is str and stream_id for stream_id in found):
             raise CorruptStoreError(self._path, "holds a stream id that is not text", _RESTORE)
         return sorted(found)
@@ -847,6 +851,10 @@ def _open_failure(  # noqa: PLR0911 - one answer per kind of SQLite failure
     return StoreFileError(path, f"SQLite failed ({exc})", "check the disk and retry")
 
 
+def _not_utf8(path: Path) -> CorruptStoreError:
+    return CorruptStoreError(path, "holds text that is not UTF-8", _RESTORE)
+
+
 def _sidecar(path: Path, suffix: str) -> Path | None:
     """The file SQLite keeps beside the store under ``suffix``, if there is one."""
     sidecar = path.with_name(path.name + suffix)
@@ -977,7 +985,10 @@ def _check_schema(connection: sqlite3.Connection, path: Path) -> int:
     """The store's schema version, once its tables are all there."""
     user_version = connection.execute("PRAGMA user_version").fetchone()[0]
     _check_user_version(path, user_version)
-    tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
+    try:
+        tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master")}
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     needed = {"events", "snapshots", "heads"} if user_version >= _CHAINED else set()
     missing = (needed or {"events", "snapshots"}) - tables
     if missing:
