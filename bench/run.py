@@ -305,7 +305,10 @@ def _replay_raw(path: Path, count: int) -> float:
 
 # The store's own table, so that both sides keep the same rows in the same b-trees.
 _TABLE = _SCHEMA[0]
-_INSERT = "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)"
+_INSERT = (
+    "INSERT INTO events (stream_id, version, event_id, type, schema_version, data, recorded_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def _append_ours(path: Path, batches: int) -> float:

@@ -374,7 +374,11 @@ def _render(verdict: Verdict) -> str:
 
 def _run_log(args: argparse.Namespace) -> int:
     with _open_store(args.store) as store:
-        for vm in _chosen(store, args.vm):
+        chosen = _chosen(store, args.vm)
+        # Every stream is checked whole before the first line is printed.
+        for vm in chosen:
+            store.verify(vm)
+        for vm in chosen:
             for recorded in store.read(vm):
                 print(_json_line(recorded) if args.json else _log_line(recorded))
     return EXIT_ALLOWED
@@ -383,7 +387,7 @@ def _run_log(args: argparse.Namespace) -> int:
 def _run_replay(args: argparse.Namespace) -> int:
     with _open_store(args.store) as store:
         vm = _one_vm(store, args.vm)
-        end = store.version(vm)
+        end = store.verify(vm)
         at = end if args.at is None else args.at
         if not 0 <= at <= end:
             raise UsageError(f"--at {at} is outside the log of {vm!r}: give 0 to {end}")
@@ -404,9 +408,9 @@ def _run_replay(args: argparse.Namespace) -> int:
 
 
 def _open_store(path: str) -> SQLiteStore:
-    """The store at ``path``; never creates one, and says so in the command line's terms."""
+    """The store at ``path``, read-only: never created, changed or written beside."""
     try:
-        return SQLiteStore(path, create=False)
+        return SQLiteStore(path, read_only=True)
     except (StoreNotFoundError, ForeignStoreError) as exc:
         remedy = "give the path of a cprfsm event store (a file the library wrote)"
         raise type(exc)(exc.path, exc.problem, remedy) from None

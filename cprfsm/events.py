@@ -21,18 +21,22 @@ unless given another) and hand them back wrapped in a :class:`RecordedEvent`.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import math
 import os
+import re
 import time
 import types
 import typing
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import attrs
 
 from cprfsm.exceptions import (
+    DamagedStreamError,
     DuplicateEventIdError,
     EventDecodeError,
     MalformedEventError,
@@ -44,7 +48,6 @@ from cprfsm.exceptions import (
 
 if typing.TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
-    from datetime import datetime
 
 __all__ = [
     "Event",
@@ -515,6 +518,9 @@ class EventRegistry:
                 "import the module that declares it, or upgrade to the cprfsm or application "
                 "version that wrote it",
             )
+        problem = _json_problem(data)
+        if problem is not None:
+            raise MalformedEventError(type_tag, schema_version, problem, _RESTORE)
         try:
             raw = json.loads(data)
         except (TypeError, ValueError) as exc:
@@ -728,6 +734,8 @@ class _Stored(NamedTuple):
 def _check_stream_id(stream_id: str) -> None:
     if type(stream_id) is not str or not stream_id:
         raise UsageError(f"a stream id must be a non-empty string, not {stream_id!r}")
+    if not stream_id.isascii():
+        _check_text("a stream id", stream_id)
 
 
 def _check_version(name: str, value: int) -> None:
@@ -762,8 +770,26 @@ def _encode_batch(
             raise UsageError("event ids must be non-empty strings")
         if len(set(ids)) != len(ids):
             raise UsageError("the event ids of one batch must differ from each other")
+        if not all(event_id.isascii() for event_id in ids):
+            for event_id in ids:
+                _check_text("an event id", event_id)
     encode = registry.encode
-    return [_Pending(event_id, *encode(e)) for event_id, e in zip(ids, events, strict=True)]
+    batch = [_Pending(event_id, *encode(e)) for event_id, e in zip(ids, events, strict=True)]
+    for pending in batch:
+        problem = _json_problem(pending.data)
+        if problem is not None:
+            raise UsageError(
+                f"event {pending.type_tag!r} cannot be stored: {problem}; store less in one event"
+            )
+    return batch
+
+
+def _check_text(what: str, text: str) -> None:
+    """Refuse a string SQLite cannot store as UTF-8 (a lone surrogate)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} must be valid Unicode text, not {text!r}") from None
 
 
 def _replayed_version(
@@ -802,6 +828,265 @@ def _encode_state(state: dict[str, Any]) -> str:
     if not isinstance(state, dict):
         raise UsageError(f"a snapshot state must be a dict, not {type(state).__qualname__}")
     try:
-        return json.dumps(state, separators=(",", ":"), allow_nan=False)
+        data = json.dumps(state, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise UsageError(f"a snapshot state must be JSON-encodable: {exc}") from None
+    except RecursionError:
+        problem: str | None = "it nests too deep"
+    else:
+        problem = _json_problem(data)
+        if problem is None:
+            return data
+    raise UsageError(f"a snapshot state cannot be stored: {problem}; store a smaller state")
+
+
+# --- Bounds on stored JSON ------------------------------------------------------------------
+
+#: The most bytes of JSON one event payload or snapshot may hold.
+MAX_JSON_BYTES = 16 * 1024 * 1024
+#: The deepest nesting of arrays and objects a payload or snapshot may hold.
+MAX_JSON_DEPTH = 64
+
+# A JSON string (skipped whole, escapes included) or one bracket.
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+
+
+def _json_problem(text: object) -> str | None:
+    """Why ``text`` may not be decoded as stored JSON, or None: checked before json.loads."""
+    if type(text) is not str:
+        return f"the payload is {type(text).__name__}, not JSON text"
+    if len(text) > MAX_JSON_BYTES:
+        return f"the payload holds {len(text)} characters, more than {MAX_JSON_BYTES}"
+    # Fewer brackets than the bound cannot nest deeper than it: the usual case costs two scans
+    # in C.  Only payloads with many brackets are walked token by token.
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return None
+    depth = 0
+    for match in _JSON_TOKENS.finditer(text):
+        token = match.group()
+        if token in {"[", "{"}:
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return f"the payload nests deeper than {MAX_JSON_DEPTH} levels"
+        elif token in {"]", "}"}:
+            depth -= 1
+    return None
+
+
+def _decode_state(text: object) -> dict[str, Any] | str:
+    """A stored snapshot state, or why it is not one."""
+    problem = _json_problem(text)
+    if problem is not None:
+        return problem
+    try:
+        state = json.loads(typing.cast("str", text))
+    except ValueError as exc:
+        return f"it is not JSON ({exc})"
+    if type(state) is not dict:
+        return f"it is a JSON {type(state).__name__}, not an object"
+    return state
+
+
+# --- The chain: each event linked to the one before it --------------------------------------
+
+_CHAIN_SIZE = 32
+_blake2b = hashlib.blake2b
+
+
+def _genesis(stream_id: str) -> bytes:
+    """The link before a stream's first event: binds the chain to the stream's id."""
+    return _blake2b(b"cprfsm stream\x00" + stream_id.encode(), digest_size=_CHAIN_SIZE).digest()
+
+
+def _link(  # noqa: PLR0913, PLR0917 - the stored columns, hashed in order
+    previous: bytes,
+    version: int,
+    event_id: str,
+    type_tag: str,
+    schema_version: int,
+    data: str,
+    recorded_at: str,
+) -> bytes:
+    """The chain value of one event: BLAKE2b over the previous value and everything stored.
+
+    Every text but the last is preceded by its length, so no two rows encode alike.
+    """
+    body = (
+        f"{version}\x00{schema_version}\x00{len(event_id)}\x00{event_id}"
+        f"{len(type_tag)}\x00{type_tag}{len(recorded_at)}\x00{recorded_at}{data}"
+    )
+    return _blake2b(previous + body.encode(), digest_size=_CHAIN_SIZE).digest()
+
+
+# --- Time stamps ----------------------------------------------------------------------------
+
+# Exactly what datetime.isoformat() writes for a UTC time: microseconds are left out at 0.
+_STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{6})?\+00:00")
+
+
+def _now() -> datetime:
+    """The wall clock, in UTC (tests replace it to step the clock back)."""
+    return datetime.now(UTC)
+
+
+def _stamp(previous: datetime | None) -> datetime:
+    """The time to record a batch at: now, or the stream's last time if the clock went back.
+
+    A stream's times therefore never decrease, so a read that finds one going back has
+    found damage, not a clock step.
+    """
+    now = _now()
+    return now if previous is None or now >= previous else previous
+
+
+def _parse_stamp(stamped: object) -> datetime | None:
+    """The UTC time a store wrote as ``stamped``, or None if it is not one."""
+    if type(stamped) is not str or _STAMP.fullmatch(stamped) is None:
+        return None
+    try:
+        return datetime.fromisoformat(stamped)
+    except ValueError:
+        return None
+
+
+# --- Checking a stream as it is read --------------------------------------------------------
+
+
+class _Head(NamedTuple):
+    """What a store remembers of a stream's end, read in the same snapshot as its rows."""
+
+    version: int
+    chain: bytes | None  # None in a store without a chain (schema 1)
+    legacy: int  # the last version written without the chain; times may go back up to it
+
+
+class _StreamCheck:
+    """Checks one stream's rows as a store reads them, in version order.
+
+    Versions run from ``first`` without a gap, each row's chain value is recomputed from
+    the one before it, times never go back, and the stream ends where its head says.
+    The first row that breaks a rule raises :class:`DamagedStreamError` naming its version.
+    """
+
+    __slots__ = (
+        "_expected",
+        "_last",
+        "_no_anchor",
+        "_previous",
+        "_stamp",
+        "_time",
+        "head",
+        "stream",
+        "where",
+    )
+
+    def __init__(self, where: str | os.PathLike[str], stream: str, first: int, last: int) -> None:
+        self.where = where
+        self.stream = stream
+        self.head: _Head | None = None
+        self._expected = first
+        self._last = last
+        self._previous: bytes | None = _genesis(stream) if first == 1 else None
+        self._time: datetime | None = None
+        self._stamp: str | None = None
+        self._no_anchor = False
+
+    def damaged(self, version: int, problem: str) -> DamagedStreamError:
+        """The error for the stream's first bad version."""
+        return DamagedStreamError(self.where, self.stream, version, problem)
+
+    def anchor(self, row: tuple[Any, Any] | None) -> None:
+        """The ``(chain, recorded_at)`` of the row before ``first``; None if there is none."""
+        if row is None:
+            self._no_anchor = True
+            return
+        chain, stamped = row
+        self._previous = chain if type(chain) is bytes else None
+        self._time = _parse_stamp(stamped)
+
+    def set_head(self, head: _Head) -> None:
+        """The stream's head, as the snapshot being read holds it."""
+        self.head = head
+        if head.chain is None:
+            self._previous = None  # a store without a chain: nothing to link
+
+    def row(self, row: Sequence[Any]) -> datetime | None:
+        """Check the next ``(version, event_id, type, schema_version, data, recorded_at, chain)``.
+
+        Returns the row's recorded time, or None when the row lies past the head.
+        """
+        version, event_id, type_tag, schema_version, data, stamped, chain = row
+        head = self.head
+        expected = self._expected
+        if type(version) is not int or version != expected:
+            if type(version) is int and version > expected:
+                missing = f"version {expected} is missing (the next row is version {version})"
+            else:
+                missing = f"a row with version {version!r} sits where version {expected} belongs"
+            raise self.damaged(expected, missing)
+        if head is not None and version > head.version:
+            # Rows past the head: appended on this connection after the read began, or
+            # added behind the store's back, which version() and verify() report.
+            return None
+        recorded_at = self._timed(version, stamped)
+        if head is not None and head.chain is not None:
+            if not (
+                type(event_id) is str
+                and type(type_tag) is str
+                and type(data) is str
+                and type(schema_version) is int
+            ):
+                raise self.damaged(version, "a stored field has the wrong type")
+            link = self._linked(version, event_id, type_tag, schema_version, data, stamped)
+            if chain != link:
+                raise self.damaged(
+                    version, "its content does not match the chain (edited, moved or replaced)"
+                )
+            if version == head.version and link != head.chain:
+                raise self.damaged(version, "it is not the event the stream's head records")
+            self._previous = link
+        self._expected = version + 1
+        return recorded_at
+
+    def _timed(self, version: int, stamped: Any) -> datetime:
+        """The row's time, parsed strictly (once per batch) and checked not to go back."""
+        if stamped != self._stamp or self._time is None:
+            recorded_at = _parse_stamp(stamped)
+            if recorded_at is None:
+                raise self.damaged(version, f"its time {stamped!r} is not a UTC time cprfsm wrote")
+            self._stamp = stamped
+        else:
+            recorded_at = self._time
+        head = self.head
+        if (
+            head is not None
+            and version > head.legacy
+            and self._time is not None
+            and recorded_at < self._time
+        ):
+            raise self.damaged(
+                version, f"it was recorded at {stamped}, before version {version - 1}"
+            )
+        self._time = recorded_at
+        return recorded_at
+
+    def _linked(self, version: int, *fields: Any) -> bytes:
+        """The row's chain value, computed from the previous row's."""
+        previous = self._previous
+        if previous is None:
+            lost = "it is missing" if self._no_anchor else "its chain value is missing"
+            raise self.damaged(version - 1, lost)
+        return _link(previous, version, *fields)
+
+    def end(self) -> None:
+        """The rows ran out: check none is missing before the head (or ``last``)."""
+        head = self.head
+        if head is None:
+            return
+        until = min(self._last, head.version)
+        if self._expected <= until:
+            raise self.damaged(
+                self._expected,
+                f"versions {self._expected} to {head.version} are missing: the stream's head "
+                f"records {head.version} events",
+            )

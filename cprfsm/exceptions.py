@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CorruptStoreError",
     "CprFsmError",
+    "DamagedStreamError",
     "DuplicateEventIdError",
     "EventDecodeError",
     "ForeignStoreError",
@@ -123,6 +124,22 @@ class ForeignStoreError(StoreFileError):
 
 class CorruptStoreError(StoreFileError):
     """The file is a cprfsm event store that is damaged or truncated."""
+
+
+class DamagedStreamError(CorruptStoreError):
+    """A stream's events were deleted, reordered, duplicated or edited; names the first bad one."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], stream: str, version: int, problem: str
+    ) -> None:
+        """Record the stream and the first version at which its log is not what was written."""
+        self.stream = stream
+        self.version = version
+        super().__init__(
+            path,
+            f"stream {stream!r} is damaged at version {version}: {problem}",
+            "restore the store from a backup; cprfsm did not modify it",
+        )
 
 
 class NewerStoreError(StoreFileError):

@@ -266,6 +266,11 @@ def _to(draft: Any, runstate: str, event: Event) -> None:
 
 
 def _started(d: Any, e: ev.QemuStarted) -> None:
+    if d.runstate is not None:
+        raise LogMismatchError(
+            f"event {d.version + 1} (QemuStarted) starts QEMU incarnation {e.incarnation}, "
+            f"but incarnation {d.incarnation} still runs at that point of the log"
+        )
     d.qemu_version = e.qemu_version
     d.incarnation = e.incarnation
     d.host_boot = e.host_boot

@@ -23,7 +23,7 @@ import os
 import random
 import signal
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -31,8 +31,15 @@ import attrs
 import pytest
 import structlog.testing
 
-from cprfsm.events import Event, EventRegistry
-from cprfsm.exceptions import DuplicateEventIdError, StoreError, UsageError, VersionConflict
+from cprfsm import events as _events
+from cprfsm.events import MAX_JSON_BYTES, MAX_JSON_DEPTH, Event, EventRegistry
+from cprfsm.exceptions import (
+    DamagedStreamError,
+    DuplicateEventIdError,
+    StoreError,
+    UsageError,
+    VersionConflict,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -102,6 +109,14 @@ class EventStoreContract(abc.ABC):
         store = self.make_store(path, _registry)
         yield store
         store.close()
+
+    def damage_event(self, store: EventStore, path: Path, stream_id: str, version: int) -> None:
+        """Change the stored payload of one event behind the store's back, if that can be done.
+
+        Override it to run the damage tests; left as it is, they are skipped.
+        """
+        del store, path, stream_id, version
+        pytest.skip("the store under test cannot be damaged from outside")
 
     def _require_persistence(self) -> None:
         if not self.persistent:
@@ -279,6 +294,47 @@ class EventStoreContract(abc.ABC):
         with pytest.raises(UsageError):
             store.save_snapshot(_STREAM, 1, {"ratio": math.inf})
         assert store.load_snapshot(_STREAM) is None
+
+    def test_recorded_times_never_go_back(
+        self, store: EventStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """When the clock steps back, appends keep the stream's last time instead."""
+        times = iter([datetime(2030, 1, 1, tzinfo=UTC), datetime(2020, 1, 1, tzinfo=UTC)])
+        monkeypatch.setattr(_events, "_now", lambda: next(times))
+        store.append(_STREAM, _counted(2), expected_version=0)
+        store.append(_STREAM, _counted(2, start=2), expected_version=2)
+        stamps = [r.recorded_at for r in store.read(_STREAM)]
+        assert stamps == [datetime(2030, 1, 1, tzinfo=UTC)] * 4
+
+    def test_oversized_event_is_refused(self, store: EventStore) -> None:
+        """An event whose JSON exceeds MAX_JSON_BYTES is refused before anything is written."""
+        with pytest.raises(UsageError, match="more than"):
+            store.append(_STREAM, [_Counted(writer="x" * MAX_JSON_BYTES, n=0)], expected_version=0)
+        assert store.version(_STREAM) == 0
+
+    def test_too_deep_snapshot_is_refused(self, store: EventStore) -> None:
+        """A snapshot nested deeper than MAX_JSON_DEPTH (or than Python can encode) is refused."""
+        store.append(_STREAM, _counted(1), expected_version=0)
+        for depth in (MAX_JSON_DEPTH + 1, 100_000):
+            state: dict[str, Any] = {}
+            for _ in range(depth):
+                state = {"a": state}
+            with pytest.raises(UsageError):
+                store.save_snapshot(_STREAM, 1, state)
+        assert store.load_snapshot(_STREAM) is None
+
+    def test_damaged_event_is_reported_at_its_version(self, store: EventStore, path: Path) -> None:
+        """An event changed behind the store's back raises DamagedStreamError at its version."""
+        store.append(_STREAM, _counted(5), expected_version=0)
+        self.damage_event(store, path, _STREAM, 3)
+        reading = store.read(_STREAM)
+        assert [next(reading).version for _ in range(2)] == [1, 2]
+        with pytest.raises(DamagedStreamError) as caught:
+            next(reading)
+        assert (caught.value.stream, caught.value.version) == (_STREAM, 3)
+        assert [r.version for r in store.read(_STREAM, last=2)] == [1, 2]
+        with pytest.raises(DamagedStreamError):
+            list(store.read(_STREAM, first=3))
 
     def test_closed_store_refuses_use(self, store: EventStore) -> None:
         """After close every operation raises StoreError; closing again is harmless."""

@@ -15,6 +15,7 @@ import attrs
 import pytest
 from structlog.testing import capture_logs
 
+from cprfsm import _store_sqlite
 from cprfsm import vm_events as ev
 from cprfsm.cli import main
 from cprfsm.events import Event, EventRegistry, default_registry
@@ -362,7 +363,7 @@ def _other_sqlite(path: Path, _: Path) -> None:
 def _newer_store(path: Path, store: Path) -> None:
     shutil.copyfile(store, path)
     connection = sqlite3.connect(path)
-    connection.execute("PRAGMA user_version = 2")
+    connection.execute(f"PRAGMA user_version = {_store_sqlite._SCHEMA_VERSION + 1}")
     connection.close()
 
 

@@ -51,6 +51,13 @@ class TestInMemoryStore(EventStoreContract):
         """A new in-memory store; ``path`` is not used."""
         return InMemoryStore(registry=registry)
 
+    def damage_event(self, store: EventStore, path: Path, stream_id: str, version: int) -> None:  # noqa: ARG002
+        """Edit the kept row's payload in place."""
+        assert isinstance(store, InMemoryStore)
+        rows = store._streams[stream_id]
+        row = rows[version - 1]
+        rows[version - 1] = row._replace(data=row.data.replace('"n":', '"n": '))
+
 
 class TestSQLiteStore(EventStoreContract):
     """The contract, for the SQLite file store, including reopening and several processes."""
@@ -60,6 +67,16 @@ class TestSQLiteStore(EventStoreContract):
     def make_store(self, path: Path, registry: EventRegistry) -> EventStore:
         """The SQLite store at ``path``."""
         return SQLiteStore(path, registry=registry)
+
+    def damage_event(self, store: EventStore, path: Path, stream_id: str, version: int) -> None:  # noqa: ARG002
+        """Edit the row's payload with a raw sqlite3 connection."""
+        connection = sqlite3.connect(path, isolation_level=None)
+        connection.execute(
+            "UPDATE events SET data = replace(data, '\"n\":', '\"n\": ')"
+            " WHERE stream_id = ? AND version = ?",
+            (stream_id, version),
+        )
+        connection.close()
 
 
 def _digest(path: Path) -> str:
