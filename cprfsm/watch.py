@@ -87,7 +87,7 @@ def migration_settings(executor: QmpExecutor) -> MigrationSettings | None:
 
 
 def watch(  # noqa: PLR0913 - keyword-only settings of one watch
-    socket: str | os.PathLike[str],
+    socket: str | os.PathLike[str] | QmpExecutor,
     *,
     store: EventStore | str | os.PathLike[str],
     vm: str,
@@ -98,14 +98,20 @@ def watch(  # noqa: PLR0913 - keyword-only settings of one watch
 ) -> VmState:
     """Record what the QEMU on QMP ``socket`` does in ``vm``'s log until it exits or ``stop``.
 
-    ``store`` is an event store or the path of an SQLite store (created if
-    missing); ``qemu`` is the release installed, for a new log.  Every batch
-    of events is one atomic append, handed to ``on_events`` once stored.
+    ``socket`` is the path of the QMP socket, or an executor :func:`connect`
+    made (the watch closes it, which only disconnects).  ``store`` is an
+    event store or the path of an SQLite store (created if missing); ``qemu``
+    is the release installed, for a new log.  Every batch of events is one
+    atomic append, handed to ``on_events`` once stored.
     Returns the VM's state after the last batch.
     """
-    events_store = SQLiteStore(store) if isinstance(store, str | os.PathLike) else store
+    executor = connect(socket) if isinstance(socket, str | os.PathLike) else socket
     try:
-        executor = connect(socket)
+        events_store = SQLiteStore(store) if isinstance(store, str | os.PathLike) else store
+    except BaseException:
+        executor.close()
+        raise
+    try:
         with VirtualMachine(vm, store=events_store, executor=executor, qemu=qemu) as machine:
 
             def recorded(events: tuple[Event, ...]) -> None:
@@ -122,6 +128,7 @@ def watch(  # noqa: PLR0913 - keyword-only settings of one watch
                 recorded(machine.adopt(report, settings))
             return machine.state
     finally:
+        executor.close()  # attached: it only disconnects (idempotent)
         if events_store is not store:
             events_store.close()
 
