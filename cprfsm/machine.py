@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self
 
+import attrs
 import structlog
 
 from cprfsm import vm_events as ev
@@ -342,7 +343,8 @@ class VirtualMachine:
 
         ``settings`` are the migration settings QEMU holds now (QMP has no event
         for another client changing them); where they differ from the log they
-        are recorded first, in the same append.
+        are recorded in the same append, just before the migration that starts
+        in ``report`` (else after its events).
         """
         self._adopt("observe", report, settings)
 
@@ -374,7 +376,9 @@ class VirtualMachine:
                 aux_ram_share=definition.aux_ram_share,
             ),
         )
-        self._adopt("attach", report, settings)
+        # Events QEMU emitted before the runstate it reports are already in it.
+        exits = tuple(fact for fact in report.facts if not isinstance(fact, QmpEvent))
+        self._adopt("attach", attrs.evolve(report, facts=exits), settings)
 
     @_command
     def recover(self) -> None:
@@ -582,12 +586,16 @@ class VirtualMachine:
         recorded as ModelDiverged, and QEMU's account is adopted from there on.
         """
         state = self._state
-        events = self._settings(state, settings) if settings is not None else []
-        for event in events:
-            state = fold(state, event)
+        events: list[Event] = []
+        pending = self._settings(state, settings) if settings is not None else []
         for fact in report.facts:
             if not isinstance(fact, QmpEvent):
                 continue
+            if fact.label == "MIGRATION setup":  # the settings the migration starts with
+                for event in pending:
+                    state = fold(state, event)
+                    events.append(event)
+                pending = []
             try:
                 for event in _unasked(state, fact, report):
                     state = fold(state, event)
@@ -602,6 +610,9 @@ class VirtualMachine:
                     )
                 )
                 break  # the rest cannot be told from events: adopt QEMU's account below
+        for event in pending:
+            state = fold(state, event)
+            events.append(event)
         events.extend(self._adopted(report, after=state))
         self._record(command, *events)
 

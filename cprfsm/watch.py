@@ -42,9 +42,9 @@ __all__ = ["connect", "migration_settings", "watch"]
 
 #: Seconds to wait for the QMP socket to accept the connection and greet.
 CONNECT_TIMEOUT = 5.0
-#: Seconds to wait for QEMU to leave finish-migrate once a migration ended.
+#: Seconds to wait for QEMU to settle (quiet, out of finish-migrate) before adopting its account.
 SETTLE_TIMEOUT = 5.0
-_SETTLE_POLL = 0.01
+_QUIET = 0.05  # seconds without an event after which QEMU's account is taken as settled
 _ENDED = frozenset({"completed", "failed", "cancelled"})
 
 
@@ -134,21 +134,24 @@ def watch(  # noqa: PLR0913 - keyword-only settings of one watch
 
 
 def _settled(executor: QmpExecutor, report: Report) -> Report:
-    """``report``, completed until QEMU leaves finish-migrate after the migration ended.
+    """``report``, extended until QEMU is quiet: no new event, the same runstate and status.
 
-    QEMU reports a migration completed (or failed) a moment before it leaves
-    finish-migrate; recording that moment would adopt a runstate QEMU is
-    about to leave.
+    ``query-status`` and ``query-migrate`` are two commands, and QEMU emits an
+    event a moment after the change it reports: a single report can pair a
+    runstate with a status QEMU never held together (running with a migration
+    completed), or show finish-migrate before its STOP.  Adopting such a moment
+    would record a state QEMU is about to leave.
     """
     deadline = time.monotonic() + SETTLE_TIMEOUT
-    while (
-        report.runstate == "finish-migrate"
-        and report.status in _ENDED
-        and time.monotonic() < deadline
-    ):
-        time.sleep(_SETTLE_POLL)
-        later = executor.observe(0.0)
+    while time.monotonic() < deadline and report.exit is None:
+        later = executor.observe(_QUIET)
+        quiet = not later.facts and (later.runstate, later.status) == (
+            report.runstate,
+            report.status,
+        )
         report = attrs.evolve(later, facts=report.facts + later.facts)
+        if quiet and not (report.runstate == "finish-migrate" and report.status in _ENDED):
+            break
     return report
 
 

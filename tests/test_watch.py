@@ -156,6 +156,10 @@ def test_watch_records_another_clients_lifecycle_until_qemu_quits(qemu: Qemu) ->
         )
     )
     watcher.start()
+    deadline = time.monotonic() + 10
+    while not batches:  # QEMU adopted: the watch is under way
+        assert time.monotonic() < deadline, "the watcher did not attach"
+        time.sleep(0.01)
     drive_lifecycle(qemu)
     qemu.qmp("migrate-set-capabilities", EVENTS_ON)
     qemu.qmp("migrate", {"uri": f"file:{qemu.workdir}/vm.state"})
@@ -214,10 +218,15 @@ def test_cli_watch_survives_ctrl_c_with_a_replayable_store(qemu: Qemu) -> None:
     assert (watcher.returncode, err) == (0, "")
     lines = [first, *out.splitlines()]
     types = [line.split()[3] for line in lines[:-1]]
-    # Without the events capability QEMU emits only the switch-over STOP; the
-    # runstate QEMU then reports is adopted.
-    assert types == [*LIFECYCLE, "vm.stopped", "qemu.observed"]
-    assert lines[-1].startswith("watched vm1: interrupted; 8 events recorded, 0 divergences")
+    # Without the events capability QEMU emits only the switch-over STOP; what
+    # query-status / query-migrate report meanwhile (active, device: depends on
+    # when the watcher polls) and at the end is adopted.
+    migration = types[len(LIFECYCLE) :]
+    assert types[: len(LIFECYCLE)] == LIFECYCLE
+    assert [t for t in migration if t != "qemu.observed"] == ["vm.stopped"]
+    assert migration[-1] == "qemu.observed"
+    summary = f"watched vm1: interrupted; {len(types)} events recorded, 0 divergences"
+    assert lines[-1].startswith(summary)
     state = replayed(store, "vm1")
     assert (
         (state["runstate"], state["phase"])
