@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -27,9 +29,9 @@ from cprfsm.model import COMMANDS, load_model
 from cprfsm.store import SQLiteStore
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
-    from cprfsm.events import RecordedEvent
+    from cprfsm.events import Event, RecordedEvent
     from cprfsm.lifecycle import VmState
 
 __all__ = ["main"]
@@ -251,7 +253,106 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(run=_run_demo)
+    wat = commands.add_parser(
+        "watch",
+        help="record what a QEMU someone else started does, as events",
+        description=(
+            "Connect to QMP_SOCKET (for example a second -qmp socket of a QEMU someone else "
+            "started), record the QEMU in the log of --vm in --store, then every lifecycle "
+            "fact it reports, one line per event as it is stored, until QEMU exits or Ctrl-C. "
+            "Exit status: 0 QEMU exited or interrupted (every batch stored), 2 the socket, "
+            "the connection or the store failed."
+        ),
+    )
+    wat.add_argument("socket", metavar="QMP_SOCKET", help="the QMP unix socket of the QEMU")
+    wat.add_argument(
+        "--store", required=True, metavar="PATH", help="the SQLite event store (created if new)"
+    )
+    wat.add_argument("--vm", required=True, metavar="NAME", help="the VM's stream id")
+    wat.add_argument(
+        "--qemu", metavar="VERSION", help="the QEMU release installed (default: newest modelled)"
+    )
+    wat.add_argument("--json", action="store_true", help="print one JSON object per line")
+    wat.set_defaults(run=_run_watch)
     return parser
+
+
+def _run_watch(args: argparse.Namespace) -> int:
+    from cprfsm.watch import connect, watch  # noqa: PLC0415 - the qmp extra loads only here
+
+    stop = threading.Event()
+    restore = _stop_on_signals(stop)
+    try:
+        executor = connect(args.socket)  # before the store: a bad socket creates no file
+        try:
+            store = _watch_store(args.store)
+        except BaseException:
+            executor.close()
+            raise
+        with store:
+            shown = store.version(args.vm)
+            counts = {"recorded": 0, "diverged": 0}
+
+            def show(events: tuple[Event, ...]) -> None:
+                nonlocal shown
+                for recorded in store.read(args.vm, first=shown + 1):
+                    print(_json_line(recorded) if args.json else _log_line(recorded), flush=True)
+                    shown = recorded.version
+                counts["recorded"] += len(events)
+                counts["diverged"] += sum(isinstance(e, ev.ModelDiverged) for e in events)
+
+            state = watch(
+                executor, store=store, vm=args.vm, qemu=args.qemu, on_events=show, stop=stop
+            )
+    finally:
+        restore()
+    ended = "interrupted" if state.qemu_running else "qemu-exited"
+    summary = {
+        "type": "watch.summary",
+        "vm": args.vm,
+        "ended": ended,
+        "events": counts["recorded"],
+        "diverged": counts["diverged"],
+        "version": state.version,
+        "runstate": state.runstate,
+        "phase": state.phase,
+    }
+    if args.json:
+        print(json.dumps(summary, separators=(",", ":")), flush=True)
+    else:
+        runstate = state.runstate or "none (QEMU exited)"
+        print(
+            f"watched {args.vm}: {ended}; {counts['recorded']} events recorded, "
+            f"{counts['diverged']} divergences; runstate {runstate}, log at version "
+            f"{state.version}",
+            flush=True,
+        )
+    return EXIT_ALLOWED
+
+
+def _watch_store(path: str) -> SQLiteStore:
+    """The store the watch records into: created if new, never a file of something else."""
+    try:
+        return SQLiteStore(path)
+    except ForeignStoreError as exc:
+        remedy = "give the path of a cprfsm event store, or of a new file"
+        raise ForeignStoreError(exc.path, exc.problem, remedy) from None
+
+
+def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
+    """Make Ctrl-C (and SIGTERM) set ``stop``; return what puts the old handlers back."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    signals = (signal.SIGINT, signal.SIGTERM)
+    old = {number: signal.getsignal(number) for number in signals}
+    for number in signals:
+        signal.signal(number, lambda *_: stop.set())
+
+    def restore() -> None:
+        for number, handler in old.items():
+            signal.signal(number, handler)
+
+    return restore
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ __all__ = [
     "Executor",
     "ExecutorError",
     "Exited",
+    "MigrationSettings",
     "QmpEvent",
     "RamBlock",
     "Report",
@@ -177,6 +178,19 @@ class Report:
     def exit(self) -> Exited | None:
         """The process exit among the facts, if the process ended."""
         return next((fact for fact in self.facts if isinstance(fact, Exited)), None)
+
+
+@attrs.frozen(kw_only=True)
+class MigrationSettings:
+    """The migration settings QEMU holds: its mode, parameters (spelled as strings), capabilities.
+
+    QMP emits no event when a client changes them; a watcher asks QEMU
+    (``query-migrate-parameters``, ``query-migrate-capabilities``).
+    """
+
+    mode: str = "normal"
+    parameters: Mapping[str, str] = attrs.field(factory=dict)
+    capabilities: frozenset[str] = frozenset()
 
 
 class Executor(Protocol):

@@ -15,13 +15,22 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self
 
+import attrs
 import structlog
 
 from cprfsm import vm_events as ev
 from cprfsm._engine import Engine
 from cprfsm._qemu import configuration, predict, report_of, skipped_blocks
 from cprfsm.exceptions import CprFsmError, IllegalTransition, UnknownNameError, UsageError
-from cprfsm.executor import Command, QmpEvent, Report, Transferred, VmDefinition, ram_blocks
+from cprfsm.executor import (
+    Command,
+    MigrationSettings,
+    QmpEvent,
+    Report,
+    Transferred,
+    VmDefinition,
+    ram_blocks,
+)
 from cprfsm.hazards import Hazard, hazards_of
 from cprfsm.legality import Reason, Verdict, check
 from cprfsm.lifecycle import VmState, fold, rebuild
@@ -47,6 +56,10 @@ _INTERRUPTED = "interrupted: the controller stopped before the outcome was recor
 _LONG = frozenset({"migrate", "migrate-continue", "migrate-incoming"})
 # QMP events with no lifecycle meaning of their own; left out of comparisons.
 _UNCOMPARED = frozenset({"MIGRATION_PASS", "RESET"})
+# Outgoing statuses during which QEMU's STOP is the switch-over into finish-migrate.
+_MOVING = frozenset({"setup", "active", "pre-switchover", "device"})
+# SHUTDOWN reasons QEMU gives, as the exit reasons the model records.
+_SHUTDOWN_REASONS = {"host-qmp-quit": "quit", "guest-shutdown": "guest-shutdown"}
 
 
 class CommandFailed(CprFsmError):
@@ -325,11 +338,23 @@ class VirtualMachine:
         self._adopt("observe", report)
 
     @_command
-    def attach(self) -> None:
+    def adopt(self, report: Report, settings: MigrationSettings | None = None) -> None:
+        """Record a report the caller took from the executor itself, as observe() does.
+
+        ``settings`` are the migration settings QEMU holds now (QMP has no event
+        for another client changing them); where they differ from the log they
+        are recorded in the same append, just before the migration that starts
+        in ``report`` (else after its events).
+        """
+        self._adopt("observe", report, settings)
+
+    @_command
+    def attach(self, settings: MigrationSettings | None = None) -> None:
         """Adopt a QEMU the executor found already running (one someone else started).
 
-        Records the process as started in the runstate QEMU reports, then its
-        migration status; a QEMU the log already knows changes nothing.
+        Records the process as started in the runstate QEMU reports, then
+        ``settings`` (its migration settings, where given) and its migration
+        status; a QEMU the log already knows changes nothing.
         """
         if self._state.qemu_running:
             return
@@ -351,7 +376,9 @@ class VirtualMachine:
                 aux_ram_share=definition.aux_ram_share,
             ),
         )
-        self._adopt("attach", report)
+        # Events QEMU emitted before the runstate it reports are already in it.
+        exits = tuple(fact for fact in report.facts if not isinstance(fact, QmpEvent))
+        self._adopt("attach", attrs.evolve(report, facts=exits), settings)
 
     @_command
     def recover(self) -> None:
@@ -554,22 +581,66 @@ class VirtualMachine:
                 )
             )
 
-    def _adopt(self, command: str, report: Report) -> None:
-        """Record facts QEMU reported unasked, each as the event it amounts to."""
-        events: list[Event] = []
+    def _adopt(
+        self, command: str, report: Report, settings: MigrationSettings | None = None
+    ) -> None:
+        """Record facts QEMU reported unasked, each as the event it amounts to.
+
+        An event the model forbids where the log stands is a divergence: it is
+        recorded as ModelDiverged, and QEMU's account is adopted from there on.
+        """
         state = self._state
+        events: list[Event] = []
+        pending = self._settings(state, settings) if settings is not None else []
         for fact in report.facts:
-            if isinstance(fact, QmpEvent):
-                event = _unasked(state, fact, report)
-                if event is None:
-                    continue
-                try:
+            if not isinstance(fact, QmpEvent):
+                continue
+            if fact.label == "MIGRATION setup":  # the settings the migration starts with
+                for event in pending:
                     state = fold(state, event)
-                except CprFsmError:
-                    break  # the rest cannot be told from events: adopt QEMU's account below
-                events.append(event)
+                    events.append(event)
+                pending = []
+            try:
+                for event in _unasked(state, fact, report):
+                    state = fold(state, event)
+                    events.append(event)
+            except CprFsmError:
+                side = state.incoming_status if state.incoming != "none" else state.outgoing_status
+                events.append(
+                    ev.ModelDiverged(
+                        command=command,
+                        expected=(f"runstate {state.runstate}", f"status {side}"),
+                        observed=_observation(report, transfers=False),
+                    )
+                )
+                break  # the rest cannot be told from events: adopt QEMU's account below
+        for event in pending:
+            state = fold(state, event)
+            events.append(event)
         events.extend(self._adopted(report, after=state))
         self._record(command, *events)
+
+    def _settings(self, state: VmState, settings: MigrationSettings) -> list[Event]:
+        """The events that bring the log's migration settings to ``settings``.
+
+        Only what the model knows is kept: its capabilities, and its parameters
+        where they differ from their defaults.
+        """
+        defaults = {parameter.name: parameter.default for parameter in self._model.parameters}
+        parameters = tuple(
+            sorted(
+                (name, value)
+                for name, value in settings.parameters.items()
+                if name in defaults and value != defaults[name]
+            )
+        )
+        capabilities = frozenset(settings.capabilities) & frozenset(self._model.capabilities)
+        events: list[Event] = []
+        if (settings.mode, parameters) != (state.mode, state.parameters):
+            events.append(ev.ParametersSet(mode=settings.mode, parameters=parameters))
+        if capabilities != state.capabilities:
+            events.append(ev.CapabilitiesSet(capabilities=capabilities))
+        return events
 
     def _adopted(self, report: Report, after: VmState | None = None) -> tuple[Event, ...]:
         """QEMU's account of where it is now, where it differs from ``after``."""
@@ -578,11 +649,17 @@ class VirtualMachine:
         if exited is not None or report.runstate is None:
             if state.runstate is None:
                 return ()
+            # An attached executor cannot see the exit status: QEMU's SHUTDOWN says why.
+            shutdown = next(
+                (f for f in report.facts if isinstance(f, QmpEvent) and f.name == "SHUTDOWN"),
+                None,
+            )
+            reason = "killed" if exited is not None and exited.signal else "exited"
+            if shutdown is not None and reason == "exited":
+                reason = _SHUTDOWN_REASONS.get(str(shutdown.data.get("reason", "")), reason)
             return (
                 ev.QemuExited(
-                    incarnation=state.incarnation,
-                    reason="killed" if exited is not None and exited.signal else "exited",
-                    detail=_exit_detail(report),
+                    incarnation=state.incarnation, reason=reason, detail=_exit_detail(report)
                 ),
             )
         side = state.incoming_status if state.incoming != "none" else state.outgoing_status
@@ -745,40 +822,58 @@ def _with_transfer(event: Any, measured: Transferred | None, **extra: Any) -> An
     return attrs.evolve(event, **changes)
 
 
-def _unasked(state: VmState, fact: QmpEvent, report: Report) -> Event | None:  # noqa: PLR0911
-    """The event an unasked QMP event amounts to, or None for one without lifecycle meaning."""
+def _unasked(state: VmState, fact: QmpEvent, report: Report) -> tuple[Event, ...]:  # noqa: PLR0911
+    """The events an unasked QMP event amounts to (none for one without lifecycle meaning)."""
     name = fact.name
     if name == "STOP":
         runstate = (
             report.runstate if report.runstate not in {None, "running", "suspended"} else "paused"
         )
-        return ev.VmStopped(
-            runstate=runstate or "paused", was_suspended=state.runstate == "suspended"
+        if state.outgoing_status in _MOVING or runstate == "postmigrate":
+            # QEMU stops for the switch-over into finish-migrate, and reaches postmigrate
+            # only from there; without the events capability the STOP is all it emits.
+            runstate = "finish-migrate"
+        return (
+            ev.VmStopped(
+                runstate=runstate or "paused", was_suspended=state.runstate == "suspended"
+            ),
         )
     if name == "RESUME":
-        return ev.VmResumed(runstate="suspended" if state.was_suspended else "running")
+        return (ev.VmResumed(runstate="suspended" if state.was_suspended else "running"),)
     if name == "SUSPEND":
-        return ev.GuestSuspended()
+        return (ev.GuestSuspended(),)
     if name == "WAKEUP":
-        return ev.GuestWokeUp() if state.runstate == "suspended" else None
+        return (ev.GuestWokeUp(),) if state.runstate == "suspended" else ()
     if name == "GUEST_PANICKED":
-        return ev.RunstateSet(runstate="guest-panicked", was_suspended=state.was_suspended)
+        return (ev.RunstateSet(runstate="guest-panicked", was_suspended=state.was_suspended),)
     if name == "MIGRATION":
-        status = str(fact.data.get("status", ""))
-        side = "incoming" if state.incoming != "none" else "outgoing"
-        if status == "setup" and side == "outgoing":
-            return ev.MigrationStarted(
-                uri="",
-                mode=state.mode,
-                capabilities=state.capabilities,
-                runstate=state.runstate or "",
-                was_suspended=state.was_suspended,
-            )
-        if status == "setup":
-            return ev.IncomingStarted(uri="")
-        error = report.error if status == "failed" else ""
-        return ev.MigrationStatusReported(side=side, status=status, error=error)
-    return None
+        return _migration(state, str(fact.data.get("status", "")), report)
+    return ()
+
+
+def _migration(state: VmState, status: str, report: Report) -> tuple[Event, ...]:
+    """The events a ``MIGRATION`` event with ``status`` amounts to."""
+    side = "incoming" if state.incoming != "none" else "outgoing"
+    if status == "setup" and side == "outgoing":
+        started = ev.MigrationStarted(
+            uri="",
+            mode=state.mode,
+            capabilities=state.capabilities,
+            runstate=state.runstate or "",
+            was_suspended=state.was_suspended,
+        )
+        return (started,)
+    if status == "setup":
+        return (ev.IncomingStarted(uri=""),)
+    error = report.error if status == "failed" else ""
+    reported = ev.MigrationStatusReported(side=side, status=status, error=error)
+    if side == "outgoing" and status == "completed" and state.runstate == "finish-migrate":
+        # QEMU sets postmigrate as it completes and emits no event for it.
+        return (
+            reported,
+            ev.RunstateSet(runstate="postmigrate", was_suspended=state.was_suspended),
+        )
+    return (reported,)
 
 
 def _exit_detail(report: Report) -> str:

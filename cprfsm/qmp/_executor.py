@@ -251,6 +251,27 @@ class QmpExecutor:
             self._unasked.extend(self._take(connection))
             dump.unlink(missing_ok=True)
 
+    def query(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """QEMU's answer to one ``query-*`` command (a read: it changes nothing in QEMU).
+
+        Events arriving meanwhile are kept for :meth:`observe`.  A refusal, a
+        closed socket or a timeout raise :class:`ExecutorError`.
+        """
+        if not command.startswith("query-"):
+            raise ExecutorError(
+                f"query() sends only query-* commands, not {command!r}: "
+                "commands that act go through execute()"
+            )
+        connection = self._require_session(command)
+        try:
+            return connection.command(command, arguments or {}, self.command_timeout)
+        except QmpRefused as exc:
+            raise ExecutorError(f"QEMU refused {command}: {exc.desc}") from exc
+        except (QmpGone, QmpTimeout) as exc:
+            raise ExecutorError(f"{command} failed: {exc}", waiting_for=command) from exc
+        finally:
+            self._unasked.extend(self._take(connection))
+
     # -- sessions and processes ------------------------------------------------------------
 
     def _handlers(self) -> dict[str, Callable[[Mapping[str, Any], list[Fact]], Any]]:
