@@ -201,13 +201,22 @@ def _build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(run=_run_replay)
     demo = commands.add_parser(
         "demo",
-        help="run a whole cpr-reboot cycle on the simulator, recorded in an SQLite store",
+        help="run a whole cpr-reboot cycle on the simulator or a real QEMU, recorded",
         description=(
-            "Start a guest on the simulator (real memory, real files), save it with migrate "
-            "in mode cpr-reboot, quit, optionally reboot the host, restore it and compare "
-            "its RAM. Every step is decided by the model and recorded in --store. "
-            "Exit status: 0 restored intact, 1 refused, failed or data lost, 2 usage error."
+            "Start a guest on the simulator (real memory, real files) or on a real QEMU 10.0, "
+            "save it with migrate in mode cpr-reboot, quit, optionally reboot the host, "
+            "restore it and compare its RAM. Every step is decided by the model and recorded "
+            "in --store. Exit status: 0 restored intact, 1 refused, failed or data lost, "
+            "2 usage error."
         ),
+    )
+    demo.add_argument(
+        "--backend",
+        choices=("sim", "qemu", "auto"),
+        default="auto",
+        help="sim: the simulator; qemu: a real QEMU 10.0 over QMP; auto (default): qemu "
+        "when qemu-system-x86_64 10.0 ($CPRFSM_QEMU) and the qmp extra are installed and "
+        "no --device vfio is asked for, else sim",
     )
     demo.add_argument(
         "--store",
@@ -272,6 +281,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         suspend=args.suspend,
         reboot=args.reboot,
         strict=args.strict,
+        backend=args.backend,
     )
     report = run_demo(options, progress=None if args.json else default_progress())
     if args.json:
@@ -283,7 +293,11 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _render_demo(report: Any) -> str:
-    lines = [f"cprfsm demo: {report.vm} in {report.store}", "", "timeline:"]
+    lines = [
+        f"cprfsm demo: {report.vm} in {report.store} (backend {report.backend})",
+        "",
+        "timeline:",
+    ]
     lines += [
         f"  {e.version:4d}  {e.phase:9s} {e.runstate or '-':15s} {e.event:28s} {e.detail}"
         for e in report.timeline
