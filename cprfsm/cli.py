@@ -293,6 +293,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _render_demo(report: Any) -> str:
+    # The qemu backend compares the guest's boot marker; the simulator digests all its RAM.
+    ram = "RAM marker:" if report.backend == "qemu" else "RAM digest:"
     lines = [
         f"cprfsm demo: {report.vm} in {report.store} (backend {report.backend})",
         "",
@@ -308,7 +310,7 @@ def _render_demo(report: Any) -> str:
         f"phase, runstate:  {report.phase}, {report.runstate}",
         f"state file:       {report.state_file_bytes} bytes",
         f"save, restore:    {report.save_seconds:.3f} s, {report.restore_seconds:.3f} s",
-        f"RAM digest:       {report.ram_digest_before or '-'} -> {report.ram_digest_after or '-'}",
+        f"{ram:18s}{report.ram_digest_before or '-'} -> {report.ram_digest_after or '-'}",
         f"hazards:          {', '.join(report.hazards) or 'none'}",
         f"guest data lost:  {_yes(report.data_lost)}",
     ]
