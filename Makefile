@@ -1,4 +1,5 @@
 # The two set-up commands are `make demo` and `make test` (see README.md).
+# `make demo` ends on a real QEMU 10.0 where one is installed, else on the simulator.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
@@ -22,8 +23,8 @@ demo: $(STAMP)
 	@$(VENV)/bin/cprfsm check --qemu 10.0 --mode cpr-reboot --device vfio --runstate suspended
 	@echo
 	@echo
-	@echo '$$ cprfsm demo --suspend --device vfio --cap x-ignore-shared --ram 256M'
-	@$(VENV)/bin/cprfsm demo --suspend --device vfio --cap x-ignore-shared --ram 256M
+	@echo '$$ cprfsm demo --backend auto --suspend --memory file,share=on --cap x-ignore-shared --ram 256M'
+	@$(VENV)/bin/cprfsm demo --backend auto --suspend --memory file,share=on --cap x-ignore-shared --ram 256M
 
 qemu:
 	bash .ci/install-qemu
