@@ -51,6 +51,7 @@ golden: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/bench_simulator.py
+	$(PY) bench/bench_qmp.py
 
 clean:
 	rm -rf $(VENV) docs/_build .mypy_cache .ruff_cache .pytest_cache .hypothesis

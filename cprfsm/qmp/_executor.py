@@ -53,7 +53,12 @@ SETTLED_STATUSES = frozenset(
     {"none", "completed", "failed", "cancelled", "pre-switchover", "colo", "postcopy-paused"}
 )
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
+#: Commands QEMU completes before it replies (their events precede the reply): the fence,
+#: the command and the settle queries go out together, one round trip in all.
+_SYNCHRONOUS = frozenset({"stop", "cont", "migrate-set-parameters", "migrate-set-capabilities"})
 _POLL = 0.01
+#: How often a starting QEMU's socket is looked for (a stat call, no QMP traffic).
+_SOCKET_POLL = 0.001
 _SOCKET_LIMIT = 107  # sun_path holds 108 bytes with the terminating NUL
 
 
@@ -126,6 +131,8 @@ class QmpExecutor:
         self._finalizer = weakref.finalize(self, self._resources.release)
         self._attached: Path | None = None
         self._unasked: list[QmpEvent] = []
+        # Runstate and query-migrate a handler already read after its command settled.
+        self._settled: tuple[str, dict[str, Any]] | None = None
         self._exit_reported = True
         self._closed = False
         self._starts = 0
@@ -174,7 +181,9 @@ class QmpExecutor:
             raise ExecutorError("the QMP executor is closed")
         if command.name not in {"start", "reboot-host"}:
             self._require_session(command.name)
-            self._fence()
+            if command.name not in _SYNCHRONOUS:
+                self._fence()  # the synchronous commands send their fence with the command
+        self._settled = None
         facts: list[Fact] = []
         extra: dict[str, Any] = {}
         try:
@@ -282,8 +291,8 @@ class QmpExecutor:
             "guest-suspend": lambda _, facts: self._guest_event("SUSPEND", facts),
             "guest-reset": lambda _, facts: self._guest_event("RESET", facts),
             "guest-shutdown": self._guest_shutdown,
-            "stop": lambda _, facts: self._command("stop", {}, facts),
-            "cont": lambda _, facts: self._command("cont", {}, facts),
+            "stop": lambda _, facts: self._synchronous("stop", {}, facts),
+            "cont": lambda _, facts: self._synchronous("cont", {}, facts),
             "system_wakeup": self._wakeup,
             "migrate-set-parameters": self._set_parameters,
             "migrate-set-capabilities": self._set_capabilities,
@@ -310,8 +319,13 @@ class QmpExecutor:
         connection = self._resources.connection
         return connection is not None and not connection.connected
 
-    def _take(self, connection: Connection) -> list[QmpEvent]:
-        return [QmpEvent(name=name, data=data) for name, data in connection.take_events()]
+    def _take(
+        self, connection: Connection, before: int | None = None, *, pump: bool = True
+    ) -> list[QmpEvent]:
+        return [
+            QmpEvent(name=name, data=data)
+            for name, data in connection.take_events(before, pump=pump)
+        ]
 
     def _fence(self) -> None:
         """Read everything QEMU emitted before now into the unasked events."""
@@ -342,7 +356,7 @@ class QmpExecutor:
                     f"QEMU's QMP socket {socket_path} did not answer in {self.settle_timeout}s",
                     waiting_for="the QMP socket",
                 )
-            time.sleep(_POLL)
+            time.sleep(_SOCKET_POLL)
 
     def _exit_fact(self) -> Exited:
         """End the session: the owned process's exit, or an attached QEMU's closed socket."""
@@ -362,6 +376,19 @@ class QmpExecutor:
         connection = self._resources.connection
         runstate: str | None = None
         info: dict[str, Any] = {}
+        settled, self._settled = self._settled, None
+        if settled is not None:
+            # The handler's last replies just came: the session was up, nothing more is read.
+            runstate, info = settled
+            if connection is not None:
+                facts.extend(self._take(connection, pump=False))
+            return Report(
+                facts=tuple(facts),
+                runstate=runstate,
+                status=str(info.get("status", "none")),
+                error=str(info.get("error-desc", "")),
+                **fields,
+            )
         if connection is not None and not self._gone():
             try:
                 runstate = str(
@@ -396,6 +423,37 @@ class QmpExecutor:
             return connection.command(name, arguments, self.command_timeout)
         finally:
             facts.extend(self._take(connection))
+
+    def _synchronous(self, name: str, arguments: Mapping[str, Any], facts: list[Fact]) -> None:
+        """Fence, command, query-status, query-migrate, sent together; QEMU runs them in order.
+
+        The same as :meth:`_fence`, :meth:`_command` and the queries of :meth:`_report` one
+        after the other, in one round trip: events written before the fence's reply are
+        unasked, those after it the command's.  QmpRefused if QEMU refused the command.
+        """
+        connection = self._resources.connection
+        if connection is None:
+            raise QmpGone(f"QEMU ended before {name}")
+        before = connection.replies
+        try:
+            _, answer, status, info = connection.batch(
+                [
+                    ("query-status", {}),
+                    (name, arguments),
+                    ("query-status", {}),
+                    ("query-migrate", {}),
+                ],
+                self.command_timeout,
+            )
+        finally:
+            self._unasked.extend(self._take(connection, before, pump=False))
+            facts.extend(self._take(connection, pump=False))
+        for query in (status, info):
+            if isinstance(query, QmpRefused):
+                raise QmpGone(f"QEMU refused a query after {name}: {query.desc}")
+        self._settled = (str(status["status"]), dict(info))
+        if isinstance(answer, QmpRefused):
+            raise answer
 
     def _start(self, arguments: Mapping[str, Any], facts: list[Fact]) -> None:
         if self._attached is not None:
@@ -509,12 +567,12 @@ class QmpExecutor:
         self._wait_event(name, facts, self.settle_timeout)
 
     def _set_parameters(self, arguments: Mapping[str, Any], facts: list[Fact]) -> None:
-        self._command("migrate-set-parameters", arguments, facts)
+        self._synchronous("migrate-set-parameters", arguments, facts)
 
     def _set_capabilities(self, arguments: Mapping[str, Any], facts: list[Fact]) -> None:
         capabilities: Mapping[str, bool] = arguments.get("capabilities", {})
         listed = [{"capability": name, "state": bool(on)} for name, on in capabilities.items()]
-        self._command("migrate-set-capabilities", {"capabilities": listed}, facts)
+        self._synchronous("migrate-set-capabilities", {"capabilities": listed}, facts)
 
     def _remember_state_file(self, arguments: Mapping[str, Any]) -> None:
         uri = str(arguments.get("uri", ""))
@@ -602,7 +660,11 @@ class QmpExecutor:
             self._wait_event(f"MIGRATION {status}", facts, self.event_wait, strict=False)
 
     def _poll(self, probe: Callable[[], Any], what: str) -> Any:
-        """Call ``probe`` every 10 ms until it answers; None if QEMU ends first."""
+        """Call ``probe`` until it answers, again 10 ms later or at QEMU's next event.
+
+        None if QEMU ends first.  The probes take the events they read, so an event
+        that wakes the wait is one the last probe did not see.
+        """
         deadline = time.monotonic() + self.settle_timeout
         while True:
             try:
@@ -616,7 +678,11 @@ class QmpExecutor:
                     f"QEMU did not settle within {self.settle_timeout}s: waiting for {what}",
                     waiting_for=what,
                 )
-            time.sleep(_POLL)
+            connection = self._resources.connection
+            if connection is None:
+                time.sleep(_POLL)
+            else:
+                connection.wait_event(_POLL)
 
     def _wait_event(
         self, label: str, facts: list[Fact], timeout: float, *, strict: bool = True
@@ -651,7 +717,12 @@ class QmpExecutor:
             connection = self._resources.connection
             if connection is not None:
                 facts.extend(self._take(connection))
-            time.sleep(_POLL)
+            process = self._resources.process
+            if process is None:
+                time.sleep(_POLL)
+            else:
+                with suppress(subprocess.TimeoutExpired):
+                    process.wait(timeout=_POLL)  # returns as soon as it exits
 
 
 def read_marker(executor: QmpExecutor, timeout: float = 10.0) -> bytes:
