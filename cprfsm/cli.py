@@ -262,6 +262,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--json", action="store_true", help="print one JSON object")
     demo.set_defaults(run=_run_demo)
+    _add_watch(commands)
+    return parser
+
+
+def _add_watch(commands: Any) -> None:
     wat = commands.add_parser(
         "watch",
         help="record what a QEMU someone else started does, as events",
@@ -283,7 +288,6 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     wat.add_argument("--json", action="store_true", help="print one JSON object per line")
     wat.set_defaults(run=_run_watch)
-    return parser
 
 
 def _run_watch(args: argparse.Namespace) -> int:

@@ -152,6 +152,11 @@ class VirtualMachine:
         self._engine = Engine(self._model, state.runstate, self)
         self._batch: list[Event] = []
         self._refusal: Verdict | None = None
+        files = [block.path for block in ram_blocks(self._definition) if block.path]
+        # Host facts the legality rules read; tmpfs is what the executor calls volatile.
+        self._host = {
+            "ram-files-on-tmpfs-or-hugetlbfs": all(executor.volatile(path) for path in files),
+        }
         # Verdicts depend only on the fields in can()'s key, and a VM revisits
         # few of them: deciding stop/cont again costs a dict lookup.
         self._verdicts: dict[tuple[object, ...], Verdict] = {}
@@ -214,7 +219,7 @@ class VirtualMachine:
         if verdict is None:
             if len(self._verdicts) >= _VERDICT_CACHE:
                 self._verdicts.clear()
-            config = configuration(state, self._definition, **arguments)
+            config = configuration(state, self._definition, host=self._host, **arguments)
             verdict = check(config, command, model=self._model, walk=False)
             self._verdicts[key] = verdict
         return verdict

@@ -16,6 +16,7 @@ from cprfsm import (
     load_model,
     modelled_releases,
 )
+from cprfsm.legality import stall
 
 SHARED_MEMFD = MemoryBackend.parse("memfd,share=on")
 CPR_TRANSFER_OK = Configuration(
@@ -75,6 +76,11 @@ CASES: dict[str, tuple[str, Configuration, Configuration]] = {
         "migrate-set-capabilities",
         caps("postcopy-ram", host={"userfaultfd": False}, **INCOMING),
         caps("postcopy-ram", host={"userfaultfd": True}, **INCOMING),
+    ),
+    "postcopy-needs-tmpfs-backend": (
+        "migrate-set-capabilities",
+        caps("postcopy-ram", memory=MemoryBackend.parse("file,share=on"), **INCOMING),
+        caps("postcopy-ram", memory=MemoryBackend.parse("memfd,share=on"), **INCOMING),
     ),
     "postcopy-vs-ignore-shared": (
         "migrate-set-capabilities",
@@ -281,14 +287,48 @@ CASES: dict[str, tuple[str, Configuration, Configuration]] = {
     ),
 }
 
+# rule id -> (configuration whose migration stalls, closest one whose migration ends).
+STALLS: dict[str, tuple[Configuration, Configuration]] = {
+    "return-path-on-exec-stalls": (
+        caps("return-path", mode="cpr-reboot", uri="exec:cat > /dev/null"),
+        caps("return-path", "pause-before-switchover", mode="cpr-reboot", uri="exec:cat"),
+    ),
+}
+
 RULES = sorted(
-    {(version, rule.id) for version in modelled_releases() for rule in load_model(version).rules}
+    {
+        (version, rule.id)
+        for version in modelled_releases()
+        for rule in load_model(version).rules
+        if rule.fails_at != "never"
+    }
+)
+STALL_RULES = sorted(
+    {
+        (version, rule.id)
+        for version in modelled_releases()
+        for rule in load_model(version).rules
+        if rule.fails_at == "never"
+    }
 )
 
 
 def test_every_rule_is_covered() -> None:
     """No rule of any release lacks a triggering case and a legal neighbour here."""
     assert {rule for _, rule in RULES} == set(CASES)
+    assert {rule for _, rule in STALL_RULES} == set(STALLS)
+
+
+@pytest.mark.parametrize(("version", "rule"), STALL_RULES)
+def test_stall_is_allowed_but_predicted(version: str, rule: str) -> None:
+    """A stall is no refusal: check() allows it, stall() names it, and not for the neighbour."""
+    stalled, ends = STALLS[rule]
+    model = load_model(version)
+    assert check(stalled, qemu=version).allowed
+    found = stall(stalled, "migrate", model)
+    assert found is not None
+    assert found.rule == rule
+    assert stall(ends, "migrate", model) is None
 
 
 @pytest.mark.parametrize(("version", "rule"), RULES)
