@@ -316,7 +316,8 @@ class ModelQemu:
 
     # --- incoming migration --------------------------------------------------------------
 
-    def _migrate_incoming(self, *, uri: str) -> None:
+    def _migrate_incoming(self, *, uri: str, rests_in: str | None = None) -> None:
+        del rests_in  # a waiting hint for executors that poll QEMU
         self._emit(ev.IncomingStarted(uri=uri))
         try:
             reader = self._operate("channel.open", lambda: self._parts.channel.open_read(uri))

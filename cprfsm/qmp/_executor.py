@@ -600,12 +600,18 @@ class QmpExecutor:
 
     def _incoming(self, arguments: Mapping[str, Any], facts: list[Fact]) -> None:
         self._remember_state_file(arguments)
-        self._command("migrate-incoming", arguments, facts)
+        rests_in = arguments.get("rests_in")
+        qmp = {key: value for key, value in arguments.items() if key != "rests_in"}
+        self._command("migrate-incoming", qmp, facts)
+        held: list[float] = []
 
         def ended() -> str | None:
             status = str(self._migration(facts).get("status", "none"))
             if status == "completed" and self._runstate(facts) != "inmigrate":
                 return status
+            if status == rests_in:  # e.g. a channel that never opened: QEMU stays in setup
+                held.append(time.monotonic())
+                return status if held[-1] - held[0] >= self.event_wait else None
             return "failed" if status == "failed" else None
 
         status = self._poll(ended, "the incoming migration to complete or fail")
