@@ -8,7 +8,8 @@ record no ``model.diverged`` (events, runstate, status and error all as predicte
 runstate must equal ``query-status``, and a command the model refuses must be refused
 by QEMU with the same text.  ``CPRFSM_RANDOM_EXAMPLES`` sets the number of sequences
 (default 12, each of 8 to 16 steps, so that CI stays within minutes);
-``CPRFSM_RANDOM_LOG`` names a file that gets one line per sequence (steps run, refused).
+``CPRFSM_RANDOM_LOG`` names a file that gets one line per sequence: steps run, steps
+refused, and how many migrations ended in each status, per side.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from live.drive import Driven, Refused
 
+from cprfsm import vm_events as ev
 from cprfsm.exceptions import UsageError
 from cprfsm.executor import VmDefinition
 from cprfsm.lifecycle import rebuild
@@ -46,6 +49,7 @@ MEMORY = ("ram", "file,share=on", "memfd,share=on")
 
 
 MODES = ("normal", "cpr-reboot")
+ENDS = frozenset({"completed", "failed", "cancelled", "pre-switchover", "device"})
 RUNNING = (
     "stop",
     "cont",
@@ -79,12 +83,18 @@ class Sequence:
         self.saved: list[str] = []
         self.ran = 0
         self.refused = 0
+        self.ended: Counter[str] = Counter()  # how migrations ended, per side
 
     def step(self, command: str, *args: Any, **kwargs: Any) -> None:
         """Run one checked step; a shared refusal or a command not performed yet is fine."""
         self.ran += 1
         try:
-            self.vm.do(command, *args, **kwargs)
+            events = self.vm.do(command, *args, **kwargs)
+            self.ended.update(
+                f"{e.side}:{e.status}"
+                for e in events
+                if isinstance(e, ev.MigrationStatusReported) and e.status in ENDS
+            )
         except (Refused, QemuAbortPredicted):
             self.refused += 1
         except UsageError as exc:  # the machine does not perform background snapshots yet
@@ -136,4 +146,5 @@ def test_random_sequences_agree_with_qemu(
         log = os.environ.get("CPRFSM_RANDOM_LOG")
         if log:
             with Path(log).open("a", encoding="utf-8") as out:
-                out.write(f"{sequence.ran} {sequence.refused}\n")
+                ended = " ".join(f"{k}={v}" for k, v in sorted(sequence.ended.items()))
+                out.write(f"{sequence.ran} {sequence.refused} {ended}\n")
