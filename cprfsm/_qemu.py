@@ -303,14 +303,18 @@ class ModelQemu:
         self._status("outgoing", "completed")
         self._emit(ev.RunstateSet(runstate="postmigrate", was_suspended=self.state.was_suspended))
 
-    def _migrate_cancel(self) -> None:
+    def _migrate_cancel(self, rests_in: str | None = None) -> None:
+        del rests_in  # a waiting hint for executors that poll QEMU
         if self.state.outgoing_status not in self._model.running_statuses:
             return
+        stalled = self._stalled()
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
         # QEMU restarts the guest while still cancelling; cancelled comes at cleanup.
         self._status("outgoing", "cancelling")
+        if stalled:
+            return  # the migration thread waits on its return path: cancelling for good
         self._put_back()
         self._status("outgoing", "cancelled")
 
@@ -378,6 +382,14 @@ class ModelQemu:
             self._emit(
                 ev.RunstateSet(runstate="finish-migrate", was_suspended=state.was_suspended)
             )
+
+    def _stalled(self) -> bool:
+        """Whether the running migration is one the model says never ends."""
+        plan = self.state.migration
+        if plan is None or self.state.outgoing_status != "device":
+            return False
+        config = configuration(self.state, self._definition, uri=plan.uri)
+        return stall(config, "migrate", self._model) is not None
 
     def _ram_in_place(self) -> tuple[str, ...]:
         """Paths of the shared RAM files whose content the stream relies on, not holds."""

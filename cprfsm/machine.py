@@ -54,6 +54,8 @@ _VERDICT_CACHE = 256
 _INTERRUPTED = "interrupted: the controller stopped before the outcome was recorded"
 # Commands that run long: their intent is recorded before the executor starts them.
 _LONG = frozenset({"migrate", "migrate-continue", "migrate-incoming"})
+# Commands after which the executor waits for the migration to settle.
+_MIGRATING = _LONG | {"migrate_cancel"}
 # QMP events with no lifecycle meaning of their own; left out of comparisons.
 _UNCOMPARED = frozenset({"MIGRATION_PASS", "RESET"})
 # Outgoing statuses during which QEMU's STOP is the switch-over into finish-migrate.
@@ -460,7 +462,7 @@ class VirtualMachine:
             self._state, self._definition, order, volatile=volatile
         )
         resting = after.outgoing_status if after.incoming == "none" else after.incoming_status
-        if command in _LONG and resting in self._model.running_statuses:
+        if command in _MIGRATING and resting in self._model.running_statuses:
             # Where QEMU never settles, tell the executor where it will rest.
             order = Command(name=command, arguments={**arguments, "rests_in": resting})
         report = self._executor.execute(order)

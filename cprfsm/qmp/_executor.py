@@ -595,8 +595,9 @@ class QmpExecutor:
         self._settle_outgoing(facts, arguments.get("rests_in"))
 
     def _cancel(self, arguments: Mapping[str, Any], facts: list[Fact]) -> None:
-        self._command("migrate_cancel", arguments, facts)
-        self._settle_outgoing(facts)
+        qmp = {key: value for key, value in arguments.items() if key != "rests_in"}
+        self._command("migrate_cancel", qmp, facts)
+        self._settle_outgoing(facts, arguments.get("rests_in"))
 
     def _incoming(self, arguments: Mapping[str, Any], facts: list[Fact]) -> None:
         self._remember_state_file(arguments)

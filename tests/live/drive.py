@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from cprfsm import IllegalTransition
 from cprfsm import vm_events as ev
 from cprfsm.exceptions import UsageError
-from cprfsm.executor import Command, VmDefinition
+from cprfsm.executor import Command, ExecutorError, VmDefinition
 from cprfsm.machine import QemuAbortPredicted, VirtualMachine
 from cprfsm.qmp import Guest, QmpExecutor
 from cprfsm.store import InMemoryStore
@@ -83,6 +83,8 @@ class Driven:
         except QemuAbortPredicted as exc:
             self._same_abort(where, command, exc)
             raise
+        except ExecutorError as exc:
+            raise AssertionError(f"{where}: {exc}") from exc
         diverged = [e for e in events if isinstance(e, ev.ModelDiverged)]
         assert not diverged, f"{where}: QEMU diverged from the model: {diverged}"
         live = self.executor.observe(0)
