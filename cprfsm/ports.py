@@ -1,9 +1,12 @@
-"""Ports: how the lifecycle machine touches memory, devices, the migration channel and the host.
+"""Parts of a simulated QEMU: memory, devices, the migration channel and the host.
 
-A VMM implements these protocols (cprfsm's simulator and QMP adapter are two
-implementations); :class:`RecordingPorts` is an in-memory one that records every
-call, for tests and notebooks.  A port reports a failure by raising
-:class:`PortError` with the text QEMU would put in ``error-desc``.
+The lifecycle machine acts through one executor (:mod:`cprfsm.executor`).  The
+simulated executor is the model's QEMU acting through these four parts: the
+simulator's (:mod:`cprfsm.simulator`) perform every operation on real memory and
+files, and :class:`RecordingPorts` keeps everything in memory and records every
+call, for tests and notebooks (``RecordingPorts().executor()``).  A part reports
+a failure by raising :class:`PortError` with the text QEMU would put in
+``error-desc``.
 """
 
 from __future__ import annotations
