@@ -219,27 +219,15 @@ class ModelQemu:
         except PortError as exc:
             self._status("outgoing", "failed", exc.error)
             return
-        if stalled is not None:
-            self._stall(writer)
-            return
         try:
-            self._save(writer, uri, late_failure)
+            self._save(writer, uri, late_failure, stalled=stalled is not None)
         except PortError as exc:
             writer.abort()
             self._compensate("failed", exc.error)
 
-    def _stall(self, writer: StreamWriter) -> None:
-        """QEMU writes RAM, stops the guest, reaches device and waits there for good."""
-        stops_at_connect = self._model.mode(self.state.mode).stops_vm == "at-connect"
-        if stops_at_connect:
-            self._stop_for_migration()
-        self._status("outgoing", "active")
-        if not stops_at_connect:
-            self._stop_for_migration()
-        self._status("outgoing", "device")
-        self._writer = writer
-
-    def _save(self, writer: StreamWriter, uri: str, late_failure: str | None) -> None:
+    def _save(
+        self, writer: StreamWriter, uri: str, late_failure: str | None, *, stalled: bool
+    ) -> None:
         state = self.state
         stops_at_connect = self._model.mode(state.mode).stops_vm == "at-connect"
         if stops_at_connect:
@@ -257,7 +245,10 @@ class ModelQemu:
         )
         if not stops_at_connect:
             self._stop_for_migration()
-        if "pause-before-switchover" in state.capabilities and late_failure is None:
+        if stalled:  # QEMU reaches device and waits there for good
+            self._status("outgoing", "device")
+            self._writer = writer
+        elif "pause-before-switchover" in state.capabilities and late_failure is None:
             self._writer = writer
             self._status("outgoing", "pre-switchover")
         else:
