@@ -524,7 +524,6 @@ def skipped_blocks(state: VmState, definition: VmDefinition) -> frozenset[str]:
 def report_of(state: VmState, events: tuple[Event, ...], *, ram_digest: str = "") -> Report:
     """What an executor reports for ``events`` that left QEMU in ``state``."""
     facts: list[Fact] = []
-    error = ""
     # QEMU emits MIGRATION events only with the events capability on.
     migration_events = "events" in state.capabilities
     for event in events:
@@ -533,15 +532,13 @@ def report_of(state: VmState, events: tuple[Event, ...], *, ram_digest: str = ""
             for fact in _facts(event)
             if migration_events or not (isinstance(fact, QmpEvent) and fact.name == "MIGRATION")
         )
-        if isinstance(event, ev.MigrationStatusReported) and event.status == "failed":
-            error = event.error
     incoming = state.incoming != "none"
     status = state.incoming_status if incoming else state.outgoing_status
     return Report(
         facts=tuple(facts),
         runstate=state.runstate,
         status=status if state.qemu_running else "none",
-        error=error if status == "failed" and state.qemu_running else "",
+        error=state.migration_error if status == "failed" and state.qemu_running else "",
         ram_digest=ram_digest,
         lost=next((e.lost for e in events if isinstance(e, ev.HostRebooted)), ()),
     )

@@ -61,6 +61,8 @@ class VmState:
     incoming: str = "none"
     outgoing_status: str = "none"
     incoming_status: str = "none"
+    # query-migrate's error-desc: the error of the last failed migration of this process.
+    migration_error: str = ""
     mode: str = "normal"
     capabilities: frozenset[str] = frozenset()
     parameters: tuple[tuple[str, str], ...] = ()
@@ -279,6 +281,7 @@ def _started(d: Any, e: ev.QemuStarted) -> None:
     d.autostart = not e.paused
     d.incoming = "deferred" if e.incoming else "none"
     d.outgoing_status = d.incoming_status = "none"
+    d.migration_error = ""
     d.mode = "normal"
     d.capabilities = frozenset()
     d.parameters = ()
@@ -293,6 +296,7 @@ def _started(d: Any, e: ev.QemuStarted) -> None:
 def _exited(d: Any, e: ev.QemuExited) -> None:
     d.runstate = d.migration = d.in_flight = None
     d.incoming = d.outgoing_status = d.incoming_status = "none"
+    d.migration_error = ""
     d.last_exit = e.reason
 
 
@@ -345,6 +349,7 @@ def _capabilities(d: Any, e: ev.CapabilitiesSet) -> None:
 def _migration_started(d: Any, e: ev.MigrationStarted) -> None:
     d.migration = e
     d.outgoing_status = "setup"
+    d.migration_error = ""
     if d.in_flight is None or d.in_flight[0] != "migrate":
         d.hazards = ()  # a new save: earlier hazards were about the earlier save
 
@@ -352,6 +357,7 @@ def _migration_started(d: Any, e: ev.MigrationStarted) -> None:
 def _incoming_started(d: Any, e: ev.IncomingStarted) -> None:
     d.incoming = "started"
     d.incoming_status = "setup"
+    d.migration_error = ""
     d.incoming_uri = e.uri
 
 
@@ -366,6 +372,8 @@ def _status(d: Any, e: ev.MigrationStatusReported) -> None:
         d.outgoing_status = e.status
     else:
         d.incoming_status = e.status
+    if e.status == "failed":
+        d.migration_error = e.error
     if e.status in _SETTLED:
         d.in_flight = None
 
@@ -395,6 +403,7 @@ def _observed(d: Any, e: ev.QemuObserved) -> None:
             "but none was started at that point of the log"
         )
     d.runstate = e.runstate
+    d.migration_error = e.error
     if d.incoming != "none":
         d.incoming_status = e.status
     else:
