@@ -82,6 +82,11 @@ CASES: dict[str, tuple[str, Configuration, Configuration]] = {
         caps("postcopy-ram", memory=MemoryBackend.parse("file,share=on"), **INCOMING),
         caps("postcopy-ram", memory=MemoryBackend.parse("memfd,share=on"), **INCOMING),
     ),
+    "background-snapshot-needs-wp-memory": (
+        "migrate-set-capabilities",
+        caps("background-snapshot", memory=MemoryBackend.parse("file,share=on")),
+        caps("background-snapshot", memory=MemoryBackend.parse("memfd,share=on")),
+    ),
     "postcopy-vs-ignore-shared": (
         "migrate-set-capabilities",
         caps("postcopy-ram", "x-ignore-shared"),
@@ -350,6 +355,21 @@ def test_closest_neighbour_is_allowed(version: str, rule: str) -> None:
 
 class TestIssueExamples:
     """The answers the project promises in its README and issues."""
+
+    def test_background_snapshot_memory_comes_before_its_conflicts(self) -> None:
+        """Shared file RAM with background-snapshot and return-path: QEMU names the memory."""
+        config = caps(
+            "background-snapshot", "return-path", memory=MemoryBackend.parse("file,share=on")
+        )
+        verdict = check(config, "migrate-set-capabilities", qemu="10.0")
+        assert (
+            verdict.error
+            == "Background-snapshot is not compatible with guest memory configuration"
+        )
+        assert [r.rule for r in verdict.reasons] == [
+            "background-snapshot-needs-wp-memory",
+            "background-snapshot-conflict",
+        ]
 
     @pytest.mark.parametrize(
         ("cap", "error"),

@@ -44,6 +44,7 @@ CAPABILITIES = (
     "multifd",
     "auto-converge",
     "validate-uuid",
+    "background-snapshot",
 )
 MEMORY = ("ram", "file,share=on", "memfd,share=on")
 
