@@ -110,7 +110,13 @@ class ModelQemu:
         )
 
     def _quit(self) -> None:
-        self._exit("quit")
+        self._shut_down("quit")
+
+    def _shut_down(self, reason: str) -> None:
+        """QEMU shuts down; a migration still running is cancelled on the way out."""
+        if self.state.outgoing_status in self._model.running_statuses:
+            self._status("outgoing", "cancelling")
+        self._exit(reason)
 
     def _reboot_host(self) -> None:
         if self.state.qemu_running:
@@ -161,7 +167,7 @@ class ModelQemu:
         self._emit(ev.GuestReset(runstate=target or "prelaunch"))
 
     def _guest_shutdown(self) -> None:
-        self._exit("guest-shutdown")
+        self._shut_down("guest-shutdown")
 
     # --- migration set-up --------------------------------------------------------------
 
@@ -535,13 +541,32 @@ def report_of(state: VmState, events: tuple[Event, ...], *, ram_digest: str = ""
     incoming = state.incoming != "none"
     status = state.incoming_status if incoming else state.outgoing_status
     return Report(
-        facts=tuple(facts),
+        facts=_shutdown_first(facts),
         runstate=state.runstate,
         status=status if state.qemu_running else "none",
         error=state.migration_error if status == "failed" and state.qemu_running else "",
         ram_digest=ram_digest,
         lost=next((e.lost for e in events if isinstance(e, ev.HostRebooted)), ()),
     )
+
+
+def _shutdown_first(facts: list[Fact]) -> tuple[Fact, ...]:
+    """QEMU emits SHUTDOWN as it begins to quit, then cancels a running migration.
+
+    The log keeps the cancelling status before the exit, so that the fold sees the
+    status change while the process still exists; QEMU's order is restored here.
+    """
+    ordered = list(facts)
+    for index in range(len(ordered) - 1):
+        first, second = ordered[index], ordered[index + 1]
+        if (
+            isinstance(first, QmpEvent)
+            and first.label == "MIGRATION cancelling"
+            and isinstance(second, QmpEvent)
+            and second.name == "SHUTDOWN"
+        ):
+            ordered[index], ordered[index + 1] = second, first
+    return tuple(ordered)
 
 
 _PLAIN: dict[type[Any], str] = {

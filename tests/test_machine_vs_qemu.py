@@ -179,3 +179,13 @@ def test_stop_and_cont_a_suspended_guest(pair: Pair) -> None:
     assert pair.machine.state.runstate == "suspended"
     pair.do("system_wakeup")
     assert pair.machine.state.runstate == "running"
+
+
+def test_quit_during_a_migration_cancels_it(pair: Pair) -> None:
+    """quit while paused in pre-switchover: SHUTDOWN, then MIGRATION cancelling, then exit."""
+    pair.start()
+    pair.do("set_capabilities", EVENTS | {"pause-before-switchover": True})
+    pair.do("migrate", pair.uri)
+    events = pair.do("quit")  # the harness fails the step if QEMU's events differ
+    assert [type(e).__name__ for e in events] == ["MigrationStatusReported", "QemuExited"]
+    assert pair.machine.state.runstate is None
