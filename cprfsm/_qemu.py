@@ -302,8 +302,9 @@ class ModelQemu:
 
     def _migrate_cancel(self, rests_in: str | None = None) -> None:
         del rests_in  # a waiting hint for executors that poll QEMU
-        if self.state.outgoing_status not in self._model.running_statuses:
-            return
+        status = self.state.outgoing_status
+        if status not in self._model.running_statuses or status == "cancelling":
+            return  # nothing to cancel, or cancelling already (a stalled migration stays)
         stalled = self._stalled()
         if self._writer is not None:
             self._writer.abort()
