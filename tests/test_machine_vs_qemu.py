@@ -189,3 +189,22 @@ def test_quit_during_a_migration_cancels_it(pair: Pair) -> None:
     events = pair.do("quit")  # the harness fails the step if QEMU's events differ
     assert [type(e).__name__ for e in events] == ["MigrationStatusReported", "QemuExited"]
     assert pair.machine.state.runstate is None
+
+
+def test_a_save_that_failed_at_completion_leaves_a_loadable_file(pair: Pair) -> None:
+    """return-path on file: fails after the stream is complete; a new QEMU loads it."""
+    pair.start()
+    pair.do("set_capabilities", EVENTS | {"return-path": True})
+    pair.do("set_parameters", mode="cpr-reboot")
+    pair.do("migrate", pair.uri)
+    assert pair.machine.state.outgoing_status == "failed"
+    assert pair.machine.state.state_file(pair.uri) is not None
+    pair.quit()
+    pair.start(incoming=True)
+    pair.do("set_capabilities", EVENTS)
+    pair.do("set_parameters", mode="cpr-reboot")
+    pair.do("migrate_incoming", pair.uri)
+    assert (pair.machine.state.incoming_status, pair.machine.state.runstate) == (
+        "completed",
+        "running",
+    )
