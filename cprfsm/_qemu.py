@@ -303,8 +303,11 @@ class ModelQemu:
     def _migrate_cancel(self, rests_in: str | None = None) -> None:
         del rests_in  # a waiting hint for executors that poll QEMU
         status = self.state.outgoing_status
-        if status not in self._model.running_statuses or status == "cancelling":
-            return  # nothing to cancel, or cancelling already (a stalled migration stays)
+        if status not in self._model.running_statuses:
+            return
+        if status == "cancelling":  # QEMU sets (and announces) cancelling again; it stays
+            self._status("outgoing", "cancelling")
+            return
         stalled = self._stalled()
         if self._writer is not None:
             self._writer.abort()
