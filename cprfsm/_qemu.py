@@ -542,8 +542,7 @@ def report_of(state: VmState, events: tuple[Event, ...], *, ram_digest: str = ""
             for fact in _facts(event)
             if migration_events or not (isinstance(fact, QmpEvent) and fact.name == "MIGRATION")
         )
-    incoming = state.incoming != "none"
-    status = state.incoming_status if incoming else state.outgoing_status
+    status = state.reported_status
     return Report(
         facts=_shutdown_first(facts),
         runstate=state.runstate,

@@ -84,6 +84,20 @@ class VmState:
         return self.runstate is not None
 
     @property
+    def reported_side(self) -> str:
+        """The migration ``query-migrate`` reports: the incoming one until an outgoing starts."""
+        if self.incoming != "none" and self.outgoing_status == "none":
+            return "incoming"
+        return "outgoing"
+
+    @property
+    def reported_status(self) -> str:
+        """The status ``query-migrate`` reports (see :attr:`reported_side`)."""
+        if self.reported_side == "incoming":
+            return self.incoming_status
+        return self.outgoing_status
+
+    @property
     def phase(self) -> str:
         """The lifecycle phase: running, suspended, stopped, saved or incoming."""
         if self.runstate is None:
@@ -404,7 +418,7 @@ def _observed(d: Any, e: ev.QemuObserved) -> None:
         )
     d.runstate = e.runstate
     d.migration_error = e.error
-    if d.incoming != "none":
+    if d.incoming != "none" and d.outgoing_status == "none":
         d.incoming_status = e.status
     else:
         d.outgoing_status = e.status

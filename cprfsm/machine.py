@@ -461,7 +461,7 @@ class VirtualMachine:
         predicted, after, operations = predict(
             self._state, self._definition, order, volatile=volatile
         )
-        resting = after.outgoing_status if after.incoming == "none" else after.incoming_status
+        resting = after.incoming_status if command == "migrate-incoming" else after.outgoing_status
         if command in _MIGRATING and resting in self._model.running_statuses:
             # Where QEMU never settles, tell the executor where it will rest.
             order = Command(name=command, arguments={**arguments, "rests_in": resting})
@@ -612,7 +612,7 @@ class VirtualMachine:
                     state = fold(state, event)
                     events.append(event)
             except CprFsmError:
-                side = state.incoming_status if state.incoming != "none" else state.outgoing_status
+                side = state.reported_status
                 events.append(
                     ev.ModelDiverged(
                         command=command,
@@ -669,8 +669,7 @@ class VirtualMachine:
                     incarnation=state.incarnation, reason=reason, detail=_exit_detail(report)
                 ),
             )
-        side = state.incoming_status if state.incoming != "none" else state.outgoing_status
-        if (report.runstate, report.status) == (state.runstate, side):
+        if (report.runstate, report.status) == (state.runstate, state.reported_status):
             return ()
         return (
             ev.QemuObserved(runstate=report.runstate, status=report.status, error=report.error),
@@ -860,7 +859,8 @@ def _unasked(state: VmState, fact: QmpEvent, report: Report) -> tuple[Event, ...
 
 def _migration(state: VmState, status: str, report: Report) -> tuple[Event, ...]:
     """The events a ``MIGRATION`` event with ``status`` amounts to."""
-    side = "incoming" if state.incoming != "none" else "outgoing"
+    done = state.incoming_status in {"completed", "failed"}
+    side = "incoming" if state.reported_side == "incoming" and not done else "outgoing"
     if status == "setup" and side == "outgoing":
         started = ev.MigrationStarted(
             uri="",
