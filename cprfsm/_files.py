@@ -175,6 +175,22 @@ def address_space_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
+def address_space_used() -> int:
+    """This process's mapped address space (VmSize) in bytes, 0 where /proc does not say."""
+    try:
+        text = Path("/proc/self/status").read_text(encoding="ascii")
+    except OSError:
+        return 0
+    match = re.search(r"^VmSize:\s+(\d+) kB$", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+def file_size_limit() -> int | None:
+    """The soft ``ulimit -f`` (RLIMIT_FSIZE) in bytes, or None when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def human(size: int) -> str:
     """``size`` bytes as a figure people read: ``64.0 MiB``, ``30.0 GiB``."""
     value = float(size)
@@ -186,8 +202,11 @@ def human(size: int) -> str:
 
 
 def require(what: str, needed: int, available: int | None, source: str, remedy: str) -> None:
-    """ResourceError naming both figures when ``needed`` exceeds ``available`` (None: unknown)."""
+    """ResourceError naming both figures when ``needed`` exceeds ``available`` (None: unknown).
+
+    ``source`` says where ``available`` comes from, with ``{}`` where the figure goes.
+    """
     if available is not None and needed > available:
         raise ResourceError(
-            f"{what} needs {human(needed)} but {source} has {human(available)}; {remedy}"
+            f"{what} needs {human(needed)}, but {source.format(human(available))}; {remedy}"
         )
