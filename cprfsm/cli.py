@@ -1,4 +1,11 @@
-"""The ``cprfsm`` command: the library's answers for people (default) and scripts (--json)."""
+"""The ``cprfsm`` command: the library's answers for people (default) and scripts (--json).
+
+Every failure is one line on stderr, ``cprfsm: error: WHAT; WHAT TO DO``, and exit
+status 2.  With ``--json`` that line is one JSON object instead, still on stderr
+(stdout carries only answers, so a script never mistakes an error for one):
+``{"error": "WHAT; WHAT TO DO", "type": "UsageError"}``, where ``type`` names the
+:class:`~cprfsm.exceptions.CprFsmError` subclass.
+"""
 
 from __future__ import annotations
 
@@ -51,16 +58,23 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 done or allowed, 1 refused, 2 error)."""
     parser = _build_parser()
+    words = list(sys.argv[1:] if argv is None else argv)
+    as_json = _asks_for_json(words)  # until the parse says for sure
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(words)
+        as_json = bool(getattr(args, "json", False))
         _configure_logging(verbose=args.verbose)
         result: int = args.run(args)
     except SystemExit as exc:  # --help and --version end the parse
         return exc.code if isinstance(exc.code, int) else EXIT_ALLOWED
     except CprFsmError as exc:
         # Notes say where a stored event sits; they stay on the message's one line.
-        message = "; ".join([str(exc), *getattr(exc, "__notes__", ())])
-        print(f"cprfsm: error: {message}", file=sys.stderr)
+        message = " ".join("; ".join([str(exc), *getattr(exc, "__notes__", ())]).split())
+        if as_json:
+            error = {"error": message, "type": type(exc).__name__}
+            print(json.dumps(error, separators=(",", ":")), file=sys.stderr)
+        else:
+            print(f"cprfsm: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:
         # The reader went away (``cprfsm log STORE | head``): stop quietly.  Point stdout
@@ -68,6 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ALLOWED
     return result
+
+
+def _asks_for_json(words: list[str]) -> bool:
+    """Whether ``--json`` (or an abbreviation argparse accepts) is among the options."""
+    options = words[: words.index("--")] if "--" in words else words
+    return any(w.startswith("--j") and "--json".startswith(w) for w in options)
 
 
 def _configure_logging(*, verbose: bool) -> None:

@@ -11,6 +11,7 @@ model, performed for real by :class:`~cprfsm.simulator.Simulator` (backend
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import re
 import shutil
@@ -22,14 +23,23 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import attrs
 
+from cprfsm import _files
 from cprfsm import vm_events as ev
 from cprfsm._qemu import SimulatedQemu
-from cprfsm.exceptions import IllegalTransition, UsageError
+from cprfsm.exceptions import CprFsmError, IllegalTransition, UsageError
 from cprfsm.executor import ExecutorError
-from cprfsm.legality import _device
+from cprfsm.legality import MemoryBackend, _device
 from cprfsm.lifecycle import fold, initial_state
 from cprfsm.machine import CommandFailed, QemuAbortPredicted, VirtualMachine
-from cprfsm.ports import Ports, StreamHeader, StreamReader, StreamWriter, Transfer, VmDefinition
+from cprfsm.ports import (
+    PortError,
+    Ports,
+    StreamHeader,
+    StreamReader,
+    StreamWriter,
+    Transfer,
+    VmDefinition,
+)
 from cprfsm.simulator import Simulator
 from cprfsm.store import SQLiteStore
 
@@ -42,14 +52,17 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKENDS",
+    "MAX_RAM",
     "DemoOptions",
     "DemoReport",
     "TimelineEntry",
+    "check_resources",
     "default_progress",
     "parse_size",
     "qemu_backend_missing",
     "resolve_backend",
     "run_demo",
+    "state_file_path",
 ]
 
 #: The ``--backend`` choices: ``auto`` is ``qemu`` where it can run the request, else ``sim``.
@@ -57,12 +70,16 @@ BACKENDS = ("sim", "qemu", "auto")
 #: The QEMU release the qemu backend drives (its model and the tests' guest).
 QEMU_RELEASE = "10.0"
 
+#: The largest ``--ram``: 1 PiB, far above any host, far below what overflows a C long.
+MAX_RAM = 2**50
 _SIZE = re.compile(r"^(\d+)\s*([KMGT]?)(i?B)?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _MARKER = b"cprfsm-demo-guest"
 _QEMU_VERSION = re.compile(r"version (\d+)\.(\d+)\.(\d+)")
 # Unix socket paths hold 107 bytes; keep room for the executor's qmpN.sock names.
 _SOCKET_ROOM = 96
+# A state file's header, device sections and records besides the RAM (generously).
+_STATE_ROOM = 2**20
 # How long the qemu backend waits at the end for events QEMU still owes (a RESET, a STOP).
 _LATE_EVENTS = 0.2
 
@@ -72,7 +89,13 @@ def parse_size(text: str) -> int:
     match = _SIZE.match(text.strip())
     if match is None or int(match.group(1)) == 0:
         raise UsageError(f"RAM size {text!r} is not a size such as 64M or 1G")
-    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+    size = int(match.group(1)) * _UNITS[match.group(2).upper()]
+    if size > MAX_RAM:
+        raise UsageError(
+            f"RAM size {text!r} is {size} bytes, more than any host maps "
+            f"(at most {_files.human(MAX_RAM)}); give a size such as 64M or 1G"
+        )
+    return size
 
 
 @attrs.frozen(kw_only=True)
@@ -184,19 +207,22 @@ def run_demo(
     """
     backend = resolve_backend(options.backend, options.devices)
     path = options.store.resolve()
+    folder = path.parent / f"{path.stem}.d"
+    # Everything is checked against a stand-in work folder before any file is made.
+    memory, uri = _plan(options, folder / "demo-N", backend, claimed=False)
+    check_resources(options, memory, uri, backend)
     with SQLiteStore(path) as store:
-        vm_id = f"demo-{len(store.streams()) + 1}"
-        workdir = path.parent / f"{path.stem}.d" / vm_id
+        vm_id, workdir = _claim(store, folder)
+        memory, uri = _plan(options, workdir, backend, claimed=True)
         definition = VmDefinition(
-            memory=_with_default_path(options.memory, workdir),
-            ram_size=options.ram,
-            devices=options.devices,
+            memory=memory.unparse(), ram_size=options.ram, devices=options.devices
         )
         guest: _Guest = (
             _QemuGuest(workdir, suspend=options.suspend)
             if backend == "qemu"
             else _SimGuest(workdir, progress)
         )
+        vm: VirtualMachine | None = None
         try:
             executor = guest.executor
             vm = VirtualMachine(
@@ -206,13 +232,14 @@ def run_demo(
                 definition=definition,
                 strict=options.strict,
             )
-            uri = options.uri or f"file:{workdir / 'vm.state'}"
             run = _Run(vm=vm, store=store, guest=guest, options=options, uri=uri)
             run.cycle()
             if progress is not None and backend == "sim" and run.restore_seconds:
                 progress.write("\n")
             return run.report(path=str(path))
         finally:
+            if vm is not None:
+                vm.close()  # leave the shared state machine, not only QEMU
             guest.close()
 
 
@@ -345,7 +372,6 @@ class _Run:
         return self.guest.backend == "qemu"
 
     def cycle(self) -> None:
-        vm = self.vm
         try:
             if self._save():
                 self._restore()
@@ -354,14 +380,25 @@ class _Run:
             self.error = (
                 f"{exc.verdict.first.rule}: {exc.verdict.error}" if exc.verdict.first else str(exc)
             )
-            if vm.state.qemu_running:
-                self.digest_after = self.guest.digest()
+            self._look_again()
         except (CommandFailed, QemuAbortPredicted) as exc:
             self.outcome = "failed"
             self.error = exc.error
-        except ExecutorError as exc:
+            self._look_again()
+        except (ExecutorError, PortError) as exc:
             self.outcome = "failed"
             self.error = str(exc)
+            self._look_again()
+
+    def _look_again(self) -> None:
+        """After a step went wrong: the RAM of a guest still running, if it can be read."""
+        state = self.vm.state
+        if self.digest_after or not state.qemu_running or state.runstate == "inmigrate":
+            return
+        try:
+            self.digest_after = self.guest.digest()
+        except (CprFsmError, OSError):
+            self.digest_after = ""  # unreadable: the report counts the data as not back
 
     def _save(self) -> bool:
         """Boot, (suspend), save; False when the migration failed (the guest keeps running)."""
@@ -416,14 +453,14 @@ class _Run:
         log = [(r.version, r.event) for r in self.store.read(self.vm.state.vm)]
         hazards = tuple(e.rule for _, e in log if isinstance(e, ev.HazardReported))
         lost = any(isinstance(e, ev.GuestDataLost) for _, e in log)
-        if self.digest_after and self.digest_before and self.digest_after != self.digest_before:
+        # Whatever the reason (a wiped state file, a failed load, a changed marker): the
+        # guest's data is lost unless a guest runs now with the RAM it had before the save.
+        if self.digest_before and self.digest_after != self.digest_before:
             lost = True
-            if self.qemu and self.error is None:
+            if self.qemu and self.error is None and self.digest_after:
                 self.error = (
                     f"the guest's RAM marker changed: {self.digest_before} -> {self.digest_after}"
                 )
-        if self.qemu and self.outcome == "restore-failed":
-            lost = True  # the saved QEMU has quit and nothing was restored: the guest is gone
         state = self.vm.state
         return DemoReport(
             vm=state.vm,
@@ -477,12 +514,132 @@ def _detail(event: Event) -> str:
     return ""
 
 
-def _with_default_path(memory: str, workdir: Path) -> str:
-    """A file backend without path= gets one in the demo's (persistent) work folder."""
-    kind, *options = memory.split(",")
-    if kind == "file" and not any(option.startswith("path=") for option in options):
-        return f"{memory},path={workdir / 'guest-ram'}"
-    return memory
+def _claim(store: SQLiteStore, folder: Path) -> tuple[str, Path]:
+    """The first free VM name and its new work folder, taken atomically.
+
+    A name is free when its stream is empty; making its folder (``mkdir``, which
+    fails if it exists) takes it, so concurrent demos on one store never share one.
+    """
+    _files.ensure_directory(folder, "the demo's folder")
+    for number in itertools.count(1):
+        vm_id = f"demo-{number}"
+        if store.version(vm_id):
+            continue
+        workdir = folder / vm_id
+        try:
+            workdir.mkdir(mode=0o700)
+        except FileExistsError:
+            continue  # another demo's, or one that stopped before its first event
+        return vm_id, workdir
+    raise AssertionError  # pragma: no cover - count() never ends
+
+
+def _plan(
+    options: DemoOptions, workdir: Path, backend: str, *, claimed: bool
+) -> tuple[MemoryBackend, str]:
+    """The memory backend and URI with every file they name absolute and checked.
+
+    A file backend without path= gets one in the (persistent) work folder; relative
+    paths are the work folder's and stay in it; an existing target must be a regular
+    file (relative ones are looked at only in the ``claimed``, new, work folder).
+    """
+
+    def target(name: str, what: str) -> Path:
+        path = _files.inside(workdir, name, what)
+        if claimed or Path(name).is_absolute():
+            _files.refuse_special(path, what)
+        return path
+
+    memory = MemoryBackend.parse(options.memory)
+    if memory.kind == "file":
+        ram = target(memory.path if memory.path is not None else "guest-ram", "the guest RAM file")
+        memory = attrs.evolve(memory, path=str(ram))
+    uri = options.uri or "file:vm.state"
+    scheme, colon, rest = uri.partition(":")
+    if scheme == "file" and colon:
+        name, offset, at = rest.partition(",offset=")
+        uri = f"file:{target(name, 'the state file')}{offset}{at}"
+    if backend == "qemu":
+        if options.ram % 2**20:
+            raise UsageError(
+                f"--ram {options.ram} bytes is not a whole number of MiB, as QEMU's -m needs"
+            )
+        if "," in str(workdir):
+            raise UsageError(
+                f"the qemu backend cannot name {workdir} on QEMU's command line (a comma "
+                "would start an option): give a --store path without a comma"
+            )
+    return memory, uri
+
+
+def state_file_path(uri: str) -> Path | None:
+    """The file a ``file:`` URI names (without ``,offset=``), else None."""
+    scheme, colon, rest = uri.partition(":")
+    if scheme != "file" or not colon:
+        return None
+    return Path(rest.partition(",offset=")[0])
+
+
+def check_resources(options: DemoOptions, memory: MemoryBackend, uri: str, backend: str) -> None:
+    """ResourceError naming the figure if the host cannot hold the demo's RAM or files.
+
+    Anonymous and private RAM needs that much available memory; every backend's RAM
+    needs that much address space under ``ulimit -v``; a shared RAM file and the state
+    file need that much free space on their filesystems (together if they share one).
+    """
+    ram = options.ram
+    asked = f"--ram {_files.human(ram)}"
+    smaller = "give a smaller --ram"
+    if memory.kind != "file" or not memory.share:
+        _files.require(
+            f"guest RAM ({memory.kind}, {asked})",
+            ram,
+            _files.memory_available(),
+            "this host has {} of memory available (MemAvailable)",
+            f"{smaller}, or use --memory file,share=on to keep it in a file",
+        )
+    limit = _files.address_space_limit()
+    if limit is not None:
+        used = _files.address_space_used() if backend == "sim" else 0
+        _files.require(
+            asked,
+            ram,
+            max(limit - used, 0),
+            f"the address-space limit (ulimit -v {limit // 1024}) leaves {{}}",
+            f"{smaller} or raise ulimit -v",
+        )
+    files: list[tuple[str, Path, int, int]] = []  # what, path, its size, space it needs
+    if memory.kind == "file" and memory.share and memory.path is not None:
+        ram_file = Path(memory.path)
+        files.append(("the guest RAM file", ram_file, ram, ram - _files.allocated(ram_file)))
+    state = state_file_path(uri)
+    if state is not None:
+        ignored = "x-ignore-shared" in options.capabilities and memory.kind == "file"
+        saved = (0 if ignored and memory.share else ram) + _STATE_ROOM
+        files.append(("the state file", state, saved, saved))
+    size_limit = _files.file_size_limit()
+    if size_limit is not None:
+        for what, file, size, _ in files:
+            _files.require(
+                f"{what} {file}",
+                size,
+                size_limit,
+                "the file-size limit (ulimit -f) is {}",
+                f"{smaller} or raise ulimit -f",
+            )
+    by_device: dict[int, tuple[int, int, list[str]]] = {}
+    for what, file, _, need in files:
+        free, device = _files.free_space(file.parent)
+        _, total, names = by_device.get(device, (free, 0, []))
+        by_device[device] = (free, total + max(need, 0), [*names, f"{what} {file}"])
+    for free, total, names in by_device.values():
+        _files.require(
+            " and ".join(names),
+            total,
+            free,
+            "their filesystem has {} free",
+            f"free some space, {smaller}, or put the files on a filesystem with room",
+        )
 
 
 def _with_progress(ports: Ports, progress: TextIO | None) -> Ports:

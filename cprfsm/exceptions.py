@@ -30,11 +30,13 @@ __all__ = [
     "ModelError",
     "NewerEventVersionError",
     "NewerStoreError",
+    "ResourceError",
     "StoreError",
     "StoreFileError",
     "StoreNotFoundError",
     "UnknownEventTypeError",
     "UnknownNameError",
+    "UnsafePathError",
     "UsageError",
     "VersionConflict",
 ]
@@ -75,6 +77,26 @@ class UnknownNameError(UsageError):
         super().__init__(
             f"unknown {kind} {name!r}{where}.{hint} Valid values: {', '.join(self.valid)}."
         )
+
+
+class UnsafePathError(UsageError):
+    """A path cprfsm would write is a symlink, device or FIFO, or leaves the work folder."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], what: str, problem: str, remedy: str = ""
+    ) -> None:
+        """Name the path, what cprfsm meant to keep there, what is wrong and what to do."""
+        self.path = os.fspath(path)
+        self.problem = problem
+        remedy = remedy or (
+            "cprfsm neither writes through it nor replaces it; "
+            "give the path of a regular file or of a new one"
+        )
+        super().__init__(f"{what} {self.path} {problem}; {remedy}")
+
+
+class ResourceError(CprFsmError):
+    """The host lacks the memory or disk space a request needs; the message names both figures."""
 
 
 class IllegalTransition(CprFsmError, ValueError):

@@ -14,6 +14,7 @@ from typing import Any
 import attrs
 
 from cprfsm._conditions import Facts
+from cprfsm._files import NODE_NAME_LIMIT, check_name
 from cprfsm.exceptions import UnknownNameError, UsageError
 from cprfsm.model import COMMANDS, Device, QemuModel, Rule, load_model
 
@@ -59,8 +60,11 @@ class MemoryBackend:
 
     @classmethod
     def parse(cls, spec: str) -> MemoryBackend:
-        """Parse ``KIND[,share=on|off][,path=PATH][,id=ID]``, as ``cprfsm check --memory``."""
-        kind, *options = spec.strip().split(",")
+        """Parse ``KIND[,share=on|off][,path=PATH][,id=ID]``, as ``cprfsm check --memory``.
+
+        As in QEMU's option syntax, ``,,`` is a comma inside a value (a path may hold one).
+        """
+        kind, *options = _split_options(spec.strip())
         fields: dict[str, Any] = {"kind": kind, "object": bool(options) or kind != "ram"}
         for option in options:
             key, sep, value = option.partition("=")
@@ -68,13 +72,26 @@ class MemoryBackend:
                 raise UsageError(f"memory option {option!r} must be NAME=VALUE in {spec!r}")
             if key == "share":
                 fields["share"] = _switch(value, f"share in {spec!r}")
-            elif key in {"path", "id"}:
+            elif key == "path":
                 fields[key] = value
+            elif key == "id":
+                fields[key] = check_name(value, "memory backend id", context=repr(spec))
             else:
                 raise UsageError(
                     f"unknown memory option {key!r} in {spec!r}; use share=on|off, path= or id="
                 )
         return cls(**fields)
+
+    def unparse(self) -> str:
+        """The whole backend (path and id too) as :meth:`parse` reads it back, commas doubled."""
+        if not self.object:
+            return self.kind
+        options = [self.kind.replace(",", ",,"), f"share={'on' if self.share else 'off'}"]
+        if self.path is not None:
+            options.append(f"path={self.path.replace(',', ',,')}")
+        if self.id != "ram0":
+            options.append(f"id={self.id}")
+        return ",".join(options)
 
     def spec(self) -> str:
         """The backend spelled as :meth:`parse` reads it."""
@@ -358,8 +375,26 @@ def _device(spec: str, index: int) -> tuple[str, str]:
         key, sep, value = option.partition("=")
         if key != "node" or not sep or not value:
             raise UsageError(f"device {spec!r}: the only option is node=NAME")
-        node = value
+        # The node names the device's image file and QEMU's block node: a name, never a path.
+        node = check_name(value, "node name", context=f"device {spec!r}", limit=NODE_NAME_LIMIT)
     return name, node
+
+
+def _split_options(spec: str) -> list[str]:
+    """``spec`` split at single commas; ``,,`` stands for a comma inside a part (QEMU's rule)."""
+    parts = [""]
+    index = 0
+    while index < len(spec):
+        if spec.startswith(",,", index):
+            parts[-1] += ","
+            index += 2
+        elif spec[index] == ",":
+            parts.append("")
+            index += 1
+        else:
+            parts[-1] += spec[index]
+            index += 1
+    return parts
 
 
 def _newest_blocker(

@@ -23,6 +23,7 @@ import mmap
 import os
 import random
 import re
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -30,8 +31,9 @@ from typing import TYPE_CHECKING, Self
 
 import attrs
 
+from cprfsm._files import ensure_directory, inside, open_regular, preallocate
 from cprfsm._qemu import SimulatedQemu
-from cprfsm.exceptions import UsageError
+from cprfsm.exceptions import UnsafePathError, UsageError
 from cprfsm.legality import MemoryBackend, _device
 from cprfsm.ports import PortError, Ports, RamBlock, Transfer, VmDefinition
 from cprfsm.statefile import StateFileReader, StateFileWriter
@@ -150,7 +152,8 @@ class _Host:
         name = backend.id if backend.object else "pc.ram"
         path = None
         if backend.kind == "file":
-            path = backend.path or str(self.workdir / name)
+            # A relative path is the work folder's, as the QMP executor reads it, and stays there.
+            path = str(inside(self.workdir, backend.path or name, "the guest RAM file"))
         return RamBlock(
             name=name,
             size=self.definition.ram_size,
@@ -177,7 +180,7 @@ class _Host:
             self.ram_files.add(block.path)
         devices = self.devices()
         for device in devices:
-            if device.image is not None and not device.image.exists():
+            if device.image is not None:
                 _create_image(device.image)
         self.process = _Process(block, memory, devices)
 
@@ -330,7 +333,10 @@ class _Channel:
             raise PortError(f"unknown migration protocol: {uri}")
         if ",offset=" in rest:
             raise PortError(f"the simulator writes whole files, not at an offset: {uri}")
-        return self._host.workdir / rest
+        try:
+            return inside(self._host.workdir, rest, "the state file")
+        except UnsafePathError as exc:
+            raise PortError(str(exc)) from None
 
 
 class Simulator:
@@ -426,37 +432,99 @@ class Simulator:
 def _map(backend: MemoryBackend, block: RamBlock) -> mmap.mmap:
     flags = mmap.MAP_SHARED if backend.share else mmap.MAP_PRIVATE
     if backend.kind == "ram":
-        return mmap.mmap(-1, block.size, flags=flags)
+        try:
+            return mmap.mmap(-1, block.size, flags=flags)
+        except (OSError, OverflowError) as exc:
+            raise _no_memory(block, exc) from None
     if backend.kind == "memfd":
         fd = os.memfd_create(block.name, os.MFD_CLOEXEC)
     elif backend.kind == "file" and block.path is not None:
-        path = Path(block.path)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            # QEMU's text (system/physmem.c:qemu_ram_alloc_from_file).
-            msg = f"can't open backing store {path} for guest RAM: {exc.strerror}"
-            raise PortError(msg) from exc
+        return _map_file(Path(block.path), block, flags)
     else:
         raise UsageError(f"the simulator maps ram, memfd and file backends, not {backend.kind!r}")
     try:
-        if os.fstat(fd).st_size < block.size:
-            os.ftruncate(fd, block.size)  # sparse: pages are allocated as the guest writes
+        os.ftruncate(fd, block.size)
         return mmap.mmap(fd, block.size, flags=flags)
+    except (OSError, OverflowError) as exc:
+        raise _no_memory(block, exc) from None
     finally:
-        os.close(fd)  # the mapping keeps the file (or memfd) alive
+        os.close(fd)  # the mapping keeps the memfd alive
+
+
+def _map_file(path: Path, block: RamBlock, flags: int) -> mmap.mmap:
+    """Map a RAM file: never through a symlink, and shared pages allocated before the guest runs.
+
+    A shared mapping of a sparse file gets SIGBUS on the first write the filesystem
+    has no room for; allocating the file first turns that into ENOSPC here.
+    """
+    try:
+        fd, created = open_regular(path, "the guest RAM file")
+    except UnsafePathError as exc:
+        raise PortError(f"can't open backing store {path} for guest RAM: {exc.problem}") from None
+    except OSError as exc:
+        # QEMU's text (system/physmem.c:qemu_ram_alloc_from_file).
+        msg = f"can't open backing store {path} for guest RAM: {exc.strerror}"
+        raise PortError(msg) from exc
+    try:
+        if flags == mmap.MAP_SHARED:
+            preallocate(fd, block.size)
+        elif os.fstat(fd).st_size < block.size:
+            os.ftruncate(fd, block.size)  # private: written pages are anonymous copies
+        return mmap.mmap(fd, block.size, flags=flags)
+    except (OSError, OverflowError) as exc:
+        if created:
+            path.unlink(missing_ok=True)  # leave no full filesystem behind
+        raise _no_memory(block, exc) from None
+    finally:
+        os.close(fd)  # the mapping keeps the file alive
+
+
+def _no_memory(block: RamBlock, exc: OSError | OverflowError) -> PortError:
+    """QEMU's text for RAM it cannot set up (system/physmem.c), with the size asked for."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "size out of range"
+    return PortError(f"cannot set up guest memory '{block.name}' ({block.size} bytes): {why}")
 
 
 def _create_image(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(_IMAGE.pack(_IMAGE_MAGIC, os.urandom(16), 0))
+    """Create the image if it is new; an existing one must be a regular file (never a symlink)."""
+    _write_image(path, None)
+
+
+def _write_image(path: Path, image: _Image | None) -> None:
+    """Write a new image's header (``image`` None: a fresh identity, if the file is new)."""
+    try:
+        ensure_directory(path.parent, "the disk image folder")
+        fd, created = open_regular(path, "disk image")
+    except UnsafePathError as exc:
+        raise PortError(f"Could not open '{path}': {exc.problem}") from None
+    except OSError as exc:
+        raise PortError(f"Could not open '{path}': {exc.strerror}") from exc
+    try:
+        if image is not None or created:
+            identity = bytes.fromhex(image.identity) if image and image.identity else None
+            generation = image.generation if image else 0
+            data = _IMAGE.pack(_IMAGE_MAGIC, identity or os.urandom(16), generation)
+            os.pwrite(fd, data, 0)
+    finally:
+        os.close(fd)
 
 
 def _read_image(path: Path) -> _Image:
-    """The image's identity and generation; a missing or foreign image has no identity."""
+    """The image's identity and generation; a missing, foreign or special file has no identity."""
+    data = b""
     try:
-        magic, identity, generation = _IMAGE.unpack(path.read_bytes()[: _IMAGE.size])
-    except (FileNotFoundError, struct.error):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                data = os.pread(fd, _IMAGE.size, 0)
+        finally:
+            os.close(fd)
+    try:
+        magic, identity, generation = _IMAGE.unpack(data)
+    except struct.error:
         magic = b""
     if magic != _IMAGE_MAGIC:
         return _Image(identity="", generation=0)
@@ -465,8 +533,7 @@ def _read_image(path: Path) -> _Image:
 
 def _bump_image(path: Path) -> None:
     image = _read_image(path)
-    identity = bytes.fromhex(image.identity) if image.identity else os.urandom(16)
-    path.write_bytes(_IMAGE.pack(_IMAGE_MAGIC, identity, image.generation + 1))
+    _write_image(path, _Image(identity=image.identity, generation=image.generation + 1))
 
 
 def _check_image(node: str, image: Path, saved: _Image) -> None:

@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Self, TypeAlias
 
 import attrs
 
+from cprfsm._files import not_regular
 from cprfsm.ports import PortError, StreamHeader, Transfer
 
 if TYPE_CHECKING:
@@ -293,6 +294,16 @@ class StateFileWriter:
         if target.is_dir():
             raise PortError(f"Could not create '{self._path}': {os.strerror(errno.EISDIR)}")
         try:
+            kind = not_regular(os.lstat(target).st_mode)
+        except OSError:
+            kind = None  # missing (the usual case), or mkstemp below says why not
+        if kind is not None:
+            # The rename on commit would replace it: a symlink, device node or FIFO is left alone.
+            raise PortError(
+                f"Could not create '{self._path}': it is {kind}, not a regular file; "
+                "give the path of a regular file or of a new one"
+            )
+        try:
             fd, tmp = tempfile.mkstemp(
                 prefix=f".{target.name}.", suffix=".partial", dir=target.parent
             )
@@ -425,9 +436,15 @@ class StateFileReader:
         """
         self._path = os.fspath(path)
         try:
-            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore it).
+            fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise PortError(f"Could not open '{self._path}': {exc.strerror}") from exc
+        kind = not_regular(os.fstat(fd).st_mode)
+        if kind is not None:
+            os.close(fd)
+            problem = os.strerror(errno.EISDIR) if kind == "a directory" else f"it is {kind}"
+            raise PortError(f"Could not open '{self._path}': {problem}, not a state file")
         self._fd = fd
         self._close = weakref.finalize(self, os.close, fd)
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from cprfsm._files import inside
+from cprfsm.exceptions import UnsafePathError
 from cprfsm.executor import ExecutorError
 from cprfsm.legality import MemoryBackend, _device
 from cprfsm.simulator import IMAGE_FORMATS
@@ -50,7 +52,10 @@ def ram_file(definition: VmDefinition, workdir: Path) -> Path | None:
         return None
     if backend.path is None:
         return workdir / f"{_plain(backend.id, 'memory backend id')}.ram"
-    return workdir.joinpath(_plain(backend.path, "memory path"))
+    try:  # a relative path is the work folder's, and stays in it
+        return inside(workdir, _plain(backend.path, "memory path"), "the guest RAM file")
+    except UnsafePathError as exc:
+        raise ExecutorError(str(exc)) from None
 
 
 def disk_images(definition: VmDefinition, workdir: Path) -> list[tuple[str, str, Path]]:

@@ -11,6 +11,7 @@ thread that is not running an asyncio loop.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -20,7 +21,10 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+from cprfsm._files import open_regular, preallocate, refuse_special
+from cprfsm.exceptions import UnsafePathError
 from cprfsm.executor import Command, ExecutorError, Exited, QmpEvent, Report, VmDefinition
+from cprfsm.legality import MemoryBackend
 from cprfsm.qmp._argv import (
     DEFAULT_ACCEL,
     command_line,
@@ -475,11 +479,9 @@ class QmpExecutor:
         socket_path.unlink(missing_ok=True)
         boot = write_boot_image(guest, self.workdir / f"boot-{guest.value}.img")
         for fmt, _, image in disk_images(definition, self.workdir):
+            _refuse_special(image, f"the {fmt} image")
             if not image.exists():
                 self._create_image(fmt, image)
-        ram = ram_file(definition, self.workdir)
-        if ram is not None:
-            self._ram_files.add(ram)
         self.argv = command_line(
             definition,
             workdir=self.workdir,
@@ -490,6 +492,10 @@ class QmpExecutor:
             qemu=self.qemu,
             accel=self.accel,
         )
+        ram = ram_file(definition, self.workdir)
+        if ram is not None:
+            _prepare_ram_file(ram, definition)
+            self._ram_files.add(ram)
         self._log.write_bytes(b"")
         try:
             process = spawn(self.argv, self._log)
@@ -577,7 +583,10 @@ class QmpExecutor:
     def _remember_state_file(self, arguments: Mapping[str, Any]) -> None:
         uri = str(arguments.get("uri", ""))
         if uri.startswith("file:"):
-            self._state_files[Path(uri.removeprefix("file:").split(",")[0])] = uri
+            path = Path(uri.removeprefix("file:").split(",")[0])
+            # QEMU would write through a symlink, replace a device's data or wait on a FIFO.
+            _refuse_special(path, "the state file")
+            self._state_files[path] = uri
 
     def _migrate(self, arguments: Mapping[str, Any], facts: list[Fact]) -> None:
         self._remember_state_file(arguments)
@@ -730,6 +739,37 @@ class QmpExecutor:
             else:
                 with suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=_POLL)  # returns as soon as it exits
+
+
+def _refuse_special(path: Path, what: str) -> None:
+    """ExecutorError if ``path`` is a symlink, device, FIFO or socket: QEMU would use it."""
+    try:
+        refuse_special(path, what)
+    except UnsafePathError as exc:
+        raise ExecutorError(str(exc)) from None
+
+
+def _prepare_ram_file(path: Path, definition: VmDefinition) -> None:
+    """Create or check QEMU's RAM file; allocate a shared one so a full disk is not a SIGBUS."""
+    backend = MemoryBackend.parse(definition.memory)
+    try:
+        fd, created = open_regular(path, "the guest RAM file")
+    except UnsafePathError as exc:
+        raise ExecutorError(str(exc)) from None
+    except OSError as exc:
+        raise ExecutorError(f"cannot open the guest RAM file {path}: {exc.strerror}") from exc
+    try:
+        if backend.share:
+            preallocate(fd, definition.ram_size)
+    except OSError as exc:
+        if created:
+            path.unlink(missing_ok=True)
+        raise ExecutorError(
+            f"cannot allocate {definition.ram_size} bytes for the guest RAM file {path}: "
+            f"{exc.strerror}; free some space or give a smaller RAM size"
+        ) from exc
+    finally:
+        os.close(fd)
 
 
 def read_marker(executor: QmpExecutor, timeout: float = 10.0) -> bytes:
