@@ -57,6 +57,8 @@ SETTLED_STATUSES = frozenset(
     {"none", "completed", "failed", "cancelled", "pre-switchover", "colo", "postcopy-paused"}
 )
 _TERMINAL = frozenset({"completed", "failed", "cancelled"})
+# Statuses a migration rests in; only a new migrate or migrate-incoming moves it on.
+_AT_REST = frozenset({"none", *_TERMINAL})
 #: Commands QEMU completes before it replies (their events precede the reply): the fence,
 #: the command and the settle queries go out together, one round trip in all.
 _SYNCHRONOUS = frozenset({"stop", "cont", "migrate-set-parameters", "migrate-set-capabilities"})
@@ -137,6 +139,8 @@ class QmpExecutor:
         self._unasked: list[QmpEvent] = []
         # Runstate and query-migrate a handler already read after its command settled.
         self._settled: tuple[str, dict[str, Any]] | None = None
+        # The last query-migrate answer this executor read (None: none yet, or a new QEMU).
+        self._known_migration: dict[str, Any] | None = None
         self._exit_reported = True
         self._closed = False
         self._starts = 0
@@ -384,6 +388,7 @@ class QmpExecutor:
         if settled is not None:
             # The handler's last replies just came: the session was up, nothing more is read.
             runstate, info = settled
+            self._known_migration = info
             if connection is not None:
                 facts.extend(self._take(connection, pump=False))
             return Report(
@@ -399,6 +404,7 @@ class QmpExecutor:
                     connection.command("query-status", {}, self.command_timeout)["status"]
                 )
                 info = dict(connection.command("query-migrate", {}, self.command_timeout))
+                self._known_migration = info
             except QmpGone:
                 runstate, info = None, {}
             except QmpTimeout as exc:
@@ -429,32 +435,41 @@ class QmpExecutor:
             facts.extend(self._take(connection))
 
     def _synchronous(self, name: str, arguments: Mapping[str, Any], facts: list[Fact]) -> None:
-        """Fence, command, query-status, query-migrate, sent together; QEMU runs them in order.
+        """The command and its queries, sent together; QEMU runs them in order.
 
-        The same as :meth:`_fence`, :meth:`_command` and the queries of :meth:`_report` one
-        after the other, in one round trip: events written before the fence's reply are
-        unasked, those after it the command's.  QmpRefused if QEMU refused the command.
+        What was read before sending is unasked; every event read after it is the
+        command's (an event QEMU wrote just before taking the command counts too, so
+        the machine sees it and records a divergence rather than losing it).
+        ``query-migrate`` is left out where its answer cannot have changed: this
+        executor owns QEMU (no other client can start a migration) and the last
+        answer was at rest (none, completed, failed, cancelled) with no MIGRATION
+        event since.  QmpRefused if QEMU refused the command.
         """
         connection = self._resources.connection
         if connection is None:
             raise QmpGone(f"QEMU ended before {name}")
-        before = connection.replies
+        self._unasked.extend(self._take(connection, pump=False))
+        known = self._known_migration
+        reuse = (
+            self._attached is None
+            and known is not None
+            and str(known.get("status", "none")) in _AT_REST
+        )
+        queries: list[tuple[str, Mapping[str, Any]]] = [(name, arguments), ("query-status", {})]
+        if not reuse:
+            queries.append(("query-migrate", {}))
         try:
-            _, answer, status, info = connection.batch(
-                [
-                    ("query-status", {}),
-                    (name, arguments),
-                    ("query-status", {}),
-                    ("query-migrate", {}),
-                ],
-                self.command_timeout,
-            )
+            replies = connection.batch(queries, self.command_timeout)
         finally:
-            self._unasked.extend(self._take(connection, before, pump=False))
             facts.extend(self._take(connection, pump=False))
+        answer, status = replies[0], replies[1]
+        info = replies[2] if not reuse else known
+        if reuse and any(isinstance(f, QmpEvent) and f.name == "MIGRATION" for f in facts):
+            info = connection.command("query-migrate", {}, self.command_timeout)
         for query in (status, info):
             if isinstance(query, QmpRefused):
                 raise QmpGone(f"QEMU refused a query after {name}: {query.desc}")
+        assert info is not None  # reuse implies a known answer
         self._settled = (str(status["status"]), dict(info))
         if isinstance(answer, QmpRefused):
             raise answer
@@ -470,6 +485,7 @@ class QmpExecutor:
             facts.append(self._exit_fact())  # an earlier QEMU's end that nobody asked about
         self._resources.drop_connection()
         self._resources.process = None
+        self._known_migration = None
         definition = arguments.get("definition", VmDefinition())
         guest = Guest(arguments.get("guest", self.guest))
         self._starts += 1
