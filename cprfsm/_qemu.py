@@ -343,8 +343,8 @@ class ModelQemu:
         except PortError as exc:
             self._fail_incoming(exc.error)
             return
-        self._incoming_runstate(header)
-        self._status("incoming", "completed")
+        if self._incoming_runstate(header):
+            self._status("incoming", "completed")
 
     def _load(self, reader: StreamReader) -> None:
         skip = self._skipped_blocks()
@@ -431,8 +431,12 @@ class ModelQemu:
         self._status("incoming", "failed", error)
         self._exit("incoming-failed", error)
 
-    def _incoming_runstate(self, header: StreamHeader) -> None:
-        """Where the destination ends: from the source's runstate, autostart and the flag."""
+    def _incoming_runstate(self, header: StreamHeader) -> bool:
+        """Where the destination ends: from the source's runstate, autostart and the flag.
+
+        False when QEMU aborts: a stream whose runstate the table forbids after
+        inmigrate (a crafted or foreign one) makes QEMU ask for a change it refuses.
+        """
         flag = header.was_suspended or header.runstate == "suspended"
         live = self._model.live_runstates
         if header.runstate in live or header.runstate == "suspended":
@@ -441,8 +445,13 @@ class ModelQemu:
                 self._emit(ev.VmResumed(runstate=target))
             else:
                 self._emit(ev.RunstateSet(runstate="paused", was_suspended=flag))
-        else:
+        elif self._model.may_change_runstate("inmigrate", header.runstate):
             self._emit(ev.RunstateSet(runstate=header.runstate, was_suspended=flag))
+        else:
+            detail = f"invalid runstate transition: 'inmigrate' -> '{header.runstate}'"
+            self._exit("abort", detail)
+            return False
+        return True
 
 
 class _LostStream:

@@ -13,6 +13,7 @@ adopts QEMU's facts: QEMU is the truth about itself.
 from __future__ import annotations
 
 import functools
+import signal
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self
 
 import attrs
@@ -661,7 +662,9 @@ class VirtualMachine:
                 (f for f in report.facts if isinstance(f, QmpEvent) and f.name == "SHUTDOWN"),
                 None,
             )
-            reason = "killed" if exited is not None and exited.signal else "exited"
+            reason = "exited"
+            if exited is not None and exited.signal:
+                reason = "abort" if exited.signal == signal.SIGABRT else "killed"
             if shutdown is not None and reason == "exited":
                 reason = _SHUTDOWN_REASONS.get(str(shutdown.data.get("reason", "")), reason)
             return (

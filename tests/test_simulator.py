@@ -6,14 +6,17 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING
 
+import attrs
 import pytest
 from test_statefile import flip, leftovers, mount_tmpfs, payload_offset, small_filesystem
 
 from cprfsm import vm_events as ev
 from cprfsm.exceptions import UsageError
+from cprfsm.lifecycle import rebuild
 from cprfsm.machine import CommandFailed, VirtualMachine
 from cprfsm.ports import PortError, RecordingPorts, StreamHeader, VmDefinition
 from cprfsm.simulator import BlockDeviceChanged, Simulator, on_volatile_filesystem
+from cprfsm.statefile import StateFileReader, StateFileWriter
 from cprfsm.store import SQLiteStore
 
 if TYPE_CHECKING:
@@ -449,3 +452,32 @@ class TestMemoryAndHost:
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         )
         assert proc.stdout.strip() == "[]"
+
+
+def test_a_stream_naming_a_runstate_inmigrate_cannot_reach_aborts_qemu(tmp_path: Path) -> None:
+    """A crafted stream saying runstate debug: QEMU aborts; the model, not knowing it, diverges."""
+    with Simulator(tmp_path / "sim") as sim, SQLiteStore(tmp_path / "log.sqlite") as store:
+        vm = machine(sim, store, "ram")
+        vm.start()
+        vm.set_parameters(mode="cpr-reboot")
+        vm.migrate(f"file:{tmp_path / 'good.state'}")
+        vm.quit()
+        with StateFileReader(tmp_path / "good.state") as good:
+            crafted = StateFileWriter(
+                tmp_path / "debug.state", attrs.evolve(good.header, runstate="debug")
+            )
+            for section in good.sections:
+                crafted.write(section, good.read(section))
+            crafted.commit()
+        vm.start(incoming=True)
+        vm.set_parameters(mode="cpr-reboot")
+        events = vm.migrate_incoming(f"file:{tmp_path / 'debug.state'}")
+        assert [type(e) for e in events] == [
+            ev.OperationStarted,
+            ev.ModelDiverged,
+            ev.QemuExited,
+        ]
+        assert "'inmigrate' -> 'debug'" in events[-1].detail  # type: ignore[attr-defined]
+        assert vm.state.runstate is None
+        assert vm.state.last_exit == "abort"
+        assert rebuild(store, "vm") == vm.state
