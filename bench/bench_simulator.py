@@ -35,7 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cprfsm.ports import Ports, StreamHeader, VmDefinition
+from cprfsm.executor import VmDefinition
+from cprfsm.ports import Ports, StreamHeader
 from cprfsm.simulator import Simulator, on_volatile_filesystem
 
 _MIB = 2**20

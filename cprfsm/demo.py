@@ -27,19 +27,11 @@ from cprfsm import _files
 from cprfsm import vm_events as ev
 from cprfsm._qemu import SimulatedQemu
 from cprfsm.exceptions import CprFsmError, IllegalTransition, UsageError
-from cprfsm.executor import ExecutorError
+from cprfsm.executor import ExecutorError, VmDefinition
 from cprfsm.legality import MemoryBackend, _device
 from cprfsm.lifecycle import fold, initial_state
 from cprfsm.machine import CommandFailed, QemuAbortPredicted, VirtualMachine
-from cprfsm.ports import (
-    PortError,
-    Ports,
-    StreamHeader,
-    StreamReader,
-    StreamWriter,
-    Transfer,
-    VmDefinition,
-)
+from cprfsm.ports import PortError, Ports, StreamHeader, StreamReader, StreamWriter, Transfer
 from cprfsm.simulator import Simulator
 from cprfsm.store import SQLiteStore
 

@@ -15,8 +15,8 @@ import attrs
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from cprfsm.executor import RamBlock
     from cprfsm.lifecycle import VmState
-    from cprfsm.ports import RamBlock
 
 __all__ = ["Hazard", "hazards_of"]
 

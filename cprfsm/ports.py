@@ -31,13 +31,11 @@ __all__ = [
     "MemoryPort",
     "PortError",
     "Ports",
-    "RamBlock",
     "RecordingPorts",
     "StreamHeader",
     "StreamReader",
     "StreamWriter",
     "Transfer",
-    "VmDefinition",
 ]
 
 

@@ -34,8 +34,9 @@ import attrs
 from cprfsm._files import ensure_directory, inside, open_regular, preallocate
 from cprfsm._qemu import SimulatedQemu
 from cprfsm.exceptions import UnsafePathError, UsageError
+from cprfsm.executor import RamBlock, VmDefinition
 from cprfsm.legality import MemoryBackend, _device
-from cprfsm.ports import PortError, Ports, RamBlock, Transfer, VmDefinition
+from cprfsm.ports import PortError, Ports, Transfer
 from cprfsm.statefile import StateFileReader, StateFileWriter
 
 if TYPE_CHECKING:

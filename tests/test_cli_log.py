@@ -19,9 +19,10 @@ from cprfsm import _store_sqlite
 from cprfsm import vm_events as ev
 from cprfsm.cli import main
 from cprfsm.events import Event, EventRegistry, default_registry
+from cprfsm.executor import VmDefinition
 from cprfsm.lifecycle import replay
 from cprfsm.machine import VirtualMachine
-from cprfsm.ports import RecordingPorts, VmDefinition
+from cprfsm.ports import RecordingPorts
 from cprfsm.store import SQLiteStore
 
 if TYPE_CHECKING:

@@ -12,8 +12,8 @@ import pytest
 from cprfsm import vm_events as ev
 from cprfsm.cli import main
 from cprfsm.demo import DemoOptions, parse_size, run_demo
+from cprfsm.executor import VmDefinition
 from cprfsm.machine import VirtualMachine
-from cprfsm.ports import VmDefinition
 from cprfsm.simulator import Simulator
 from cprfsm.store import SQLiteStore
 

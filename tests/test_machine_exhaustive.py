@@ -10,9 +10,10 @@ import attrs
 import pytest
 
 from cprfsm import IllegalTransition, load_model
+from cprfsm.executor import VmDefinition
 from cprfsm.lifecycle import VmState, replay
 from cprfsm.machine import CommandFailed, QemuAbortPredicted, VirtualMachine
-from cprfsm.ports import RecordingPorts, VmDefinition
+from cprfsm.ports import RecordingPorts
 from cprfsm.store import InMemoryStore
 
 URI = "file:/var/lib/vm.state"
