@@ -7,7 +7,7 @@ modes, ``file:`` and ``exec:`` URIs, cancel, continue, quit and restarts with
 record no ``model.diverged`` (events, runstate, status and error all as predicted), the
 runstate must equal ``query-status``, and a command the model refuses must be refused
 by QEMU with the same text.  ``CPRFSM_RANDOM_EXAMPLES`` sets the number of sequences
-(default 12, each of 8 to 16 steps, so that CI stays within minutes);
+(default 40, each of 8 to 16 steps, so that CI stays within minutes);
 ``CPRFSM_RANDOM_LOG`` names a file that gets one line per sequence: steps run, steps
 refused, and how many migrations ended in each status, per side.
 """
@@ -34,7 +34,7 @@ from cprfsm.machine import QemuAbortPredicted
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_golden_version")]
 
-EXAMPLES = int(os.environ.get("CPRFSM_RANDOM_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("CPRFSM_RANDOM_EXAMPLES", "40"))
 CAPABILITIES = (
     "events",
     "return-path",
