@@ -116,10 +116,6 @@ class Engine:
         """Release the shared Machine's reference to this VM (idempotent)."""
         self._detach()
 
-    def attached(self) -> bool:
-        """Whether this VM still sits in the shared machine."""
-        return self._detach.alive
-
 
 def _remove(machine: Machine, subject: _Subject) -> None:
     machine.remove_model(subject)

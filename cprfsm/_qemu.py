@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
     from cprfsm.events import Event
     from cprfsm.lifecycle import VmState
-    from cprfsm.model import QemuModel
 
 # Capabilities whose value QEMU writes into the stream and checks on load.
 VALIDATED = frozenset({"x-ignore-shared", "mapped-ram"})
@@ -53,11 +52,6 @@ class ModelQemu:
         self._model = load_model(state.qemu_version)
         self._writer: StreamWriter | None = None
         self._events: list[Event] = []
-
-    @property
-    def model(self) -> QemuModel:
-        """The release this QEMU is."""
-        return self._model
 
     def perform(self, command: Command) -> tuple[Event, ...]:
         """Carry out ``command``; the events it amounts to, in QEMU's order."""

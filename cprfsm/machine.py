@@ -683,14 +683,9 @@ class VirtualMachine:
         for event in outcome:
             if isinstance(event, ev.QemuExited) and event.reason == "abort":
                 raise QemuAbortPredicted(event.detail, tuple(self._batch))
-        if command in {"migrate-incoming", "start"}:
-            for event in outcome:
-                if isinstance(event, ev.OperationFailed) and event.operation == "channel.open":
-                    raise CommandFailed(command, event.error, tuple(self._batch))
-        if command == "migrate":
-            for event in outcome:
-                if isinstance(event, ev.OperationFailed) and event.operation == "channel.open":
-                    raise CommandFailed(command, event.error, tuple(self._batch))
+        for event in outcome:
+            if isinstance(event, ev.OperationFailed) and event.operation == "channel.open":
+                raise CommandFailed(command, event.error, tuple(self._batch))
 
     def _hazards(self, command: str, arguments: dict[str, Any]) -> tuple[Hazard, ...]:
         """The step's hazards; in strict mode a data-losing one refuses the step here."""
@@ -790,11 +785,7 @@ def _measured(events: tuple[Event, ...], report: Report) -> tuple[Event, ...]:
             result.append(_with_transfer(event, measured))
         elif isinstance(event, ev.StateFileWritten):
             measured = _take(transfers, "stream.commit")
-            result.append(
-                _with_transfer(event, measured, ram_digest=report.ram_digest)
-                if measured is not None
-                else _with_transfer(event, None, ram_digest=report.ram_digest)
-            )
+            result.append(_with_transfer(event, measured, ram_digest=report.ram_digest))
         elif isinstance(event, ev.HostRebooted):
             result.append(ev.HostRebooted(host_boot=event.host_boot, lost=report.lost))
         else:
@@ -818,8 +809,6 @@ def _take(transfers: list[Transferred], operation: str) -> Transferred | None:
 
 
 def _with_transfer(event: Any, measured: Transferred | None, **extra: Any) -> Any:
-    import attrs  # noqa: PLC0415 - only needed here
-
     changes: dict[str, Any] = dict(extra)
     if measured is not None:
         moved = "bytes_read" if hasattr(event, "bytes_read") else "bytes_written"
