@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cprfsm import vm_events as ev
+from cprfsm.exceptions import PortError
 from cprfsm.executor import (
     Command,
     Exited,
@@ -27,7 +28,7 @@ from cprfsm.executor import (
 from cprfsm.legality import Configuration, MemoryBackend, check, stall
 from cprfsm.lifecycle import fold, initial_state
 from cprfsm.model import load_model
-from cprfsm.ports import PortError, Ports, StreamHeader, StreamReader, StreamWriter, Transfer
+from cprfsm.ports import Ports, StreamHeader, StreamReader, StreamWriter, Transfer
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping

@@ -26,12 +26,13 @@ from cprfsm.events import default_registry
 from cprfsm.exceptions import (
     CprFsmError,
     ForeignStoreError,
+    LogMismatchError,
     StoreNotFoundError,
     UnknownNameError,
     UsageError,
 )
 from cprfsm.legality import Configuration, MemoryBackend, Verdict, _switch, check
-from cprfsm.lifecycle import LogMismatchError, fold, initial_state
+from cprfsm.lifecycle import fold, initial_state
 from cprfsm.model import COMMANDS, load_model
 from cprfsm.store import SQLiteStore
 

@@ -26,12 +26,19 @@ import attrs
 from cprfsm import _files
 from cprfsm import vm_events as ev
 from cprfsm._qemu import SimulatedQemu
-from cprfsm.exceptions import CprFsmError, IllegalTransition, UsageError
-from cprfsm.executor import ExecutorError, VmDefinition
+from cprfsm.exceptions import (
+    CommandFailed,
+    CprFsmError,
+    ExecutorError,
+    IllegalTransition,
+    PortError,
+    QemuAbortPredicted,
+    UsageError,
+)
+from cprfsm.executor import VmDefinition
 from cprfsm.legality import MemoryBackend, _device
 from cprfsm.lifecycle import fold, initial_state
-from cprfsm.machine import CommandFailed, QemuAbortPredicted, VirtualMachine
-from cprfsm.ports import PortError, Ports, StreamHeader, StreamReader, StreamWriter, Transfer
+from cprfsm.machine import VirtualMachine
 from cprfsm.simulator import Simulator
 from cprfsm.store import SQLiteStore
 
@@ -40,6 +47,7 @@ if TYPE_CHECKING:
 
     from cprfsm.events import Event
     from cprfsm.executor import Executor
+    from cprfsm.ports import Ports, StreamHeader, StreamReader, StreamWriter, Transfer
     from cprfsm.qmp import QmpExecutor
 
 __all__ = [

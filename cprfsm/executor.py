@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
-from cprfsm.exceptions import CprFsmError
-
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -28,7 +26,6 @@ __all__ = [
     "COMMANDS",
     "Command",
     "Executor",
-    "ExecutorError",
     "Exited",
     "MigrationSettings",
     "QmpEvent",
@@ -62,18 +59,6 @@ COMMANDS = frozenset(
         "migrate-incoming",
     }
 )
-
-
-class ExecutorError(CprFsmError):
-    """The executor could not carry out a command: QEMU did not answer in time, or is gone.
-
-    ``waiting_for`` says what it was waiting for when it gave up.
-    """
-
-    def __init__(self, message: str, *, waiting_for: str = "") -> None:
-        """Carry what went wrong and what the executor was waiting for."""
-        self.waiting_for = waiting_for
-        super().__init__(message)
 
 
 @attrs.frozen(kw_only=True)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 from cprfsm import vm_events as ev
-from cprfsm.exceptions import StoreError
+from cprfsm.exceptions import LogMismatchError, StoreError
 from cprfsm.model import load_model
 
 if TYPE_CHECKING:
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PHASES",
-    "LogMismatchError",
     "VmState",
     "phase_diagram",
     "phase_of",
@@ -40,10 +39,6 @@ PHASES: Final = ("running", "suspended", "stopped", "saved", "incoming")
 
 # Statuses a migration rests in: the command that led there has its outcome.
 _SETTLED = frozenset({"completed", "failed", "cancelled", "pre-switchover", "colo"})
-
-
-class LogMismatchError(StoreError):
-    """An event log asks for something the model forbids: it was not written by this model."""
 
 
 @attrs.frozen(kw_only=True)

@@ -22,7 +22,15 @@ import structlog
 from cprfsm import vm_events as ev
 from cprfsm._engine import Engine
 from cprfsm._qemu import configuration, predict, report_of, skipped_blocks
-from cprfsm.exceptions import CprFsmError, IllegalTransition, UnknownNameError, UsageError
+from cprfsm.exceptions import (
+    CommandFailed,
+    CprFsmError,
+    IllegalTransition,
+    ModelDivergence,
+    QemuAbortPredicted,
+    UnknownNameError,
+    UsageError,
+)
 from cprfsm.executor import (
     Command,
     MigrationSettings,
@@ -45,9 +53,6 @@ if TYPE_CHECKING:
     from cprfsm.store import EventStore
 
 __all__ = [
-    "CommandFailed",
-    "ModelDivergence",
-    "QemuAbortPredicted",
     "VirtualMachine",
 ]
 
@@ -63,45 +68,6 @@ _UNCOMPARED = frozenset({"MIGRATION_PASS", "RESET"})
 _MOVING = frozenset({"setup", "active", "pre-switchover", "device"})
 # SHUTDOWN reasons QEMU gives, as the exit reasons the model records.
 _SHUTDOWN_REASONS = {"host-qmp-quit": "quit", "guest-shutdown": "guest-shutdown"}
-
-
-class CommandFailed(CprFsmError):
-    """QEMU accepted the command, then it failed with ``error``; ``events`` say what happened."""
-
-    def __init__(self, command: str, error: str, events: tuple[Event, ...]) -> None:
-        """Carry the command, QEMU's text and the events recorded on the way."""
-        self.command = command
-        self.error = error
-        self.events = events
-        super().__init__(f"{command} failed: {error}")
-
-
-class QemuAbortPredicted(CprFsmError):
-    """QEMU's own logic asks for a runstate change its table forbids: QEMU aborts there.
-
-    Predicted before acting, nothing is recorded and ``events`` is empty.  When
-    the abort follows a failed operation, the process is gone and ``events``
-    ends with its exit.
-    """
-
-    def __init__(self, error: str, events: tuple[Event, ...]) -> None:
-        """Carry what QEMU prints as it aborts and the events recorded up to the abort."""
-        self.error = error
-        self.events = events
-        super().__init__(f"{error}: QEMU aborts here, the process is gone")
-
-
-class ModelDivergence(CprFsmError):
-    """QEMU reported facts the model did not predict (raised in strict mode, after recording)."""
-
-    def __init__(self, divergence: ev.ModelDiverged) -> None:
-        """Carry the recorded divergence: the command, what was expected and what QEMU did."""
-        self.divergence = divergence
-        super().__init__(
-            f"{divergence.command}: QEMU reported {', '.join(divergence.observed) or 'nothing'}; "
-            f"the model predicted {', '.join(divergence.expected) or 'nothing'}. "
-            "The log adopted QEMU's facts; report the difference against models/qemu.yaml"
-        )
 
 
 _P = ParamSpec("_P")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
-from cprfsm.exceptions import CprFsmError
+from cprfsm.exceptions import PortError
 from cprfsm.executor import RamBlock, VmDefinition, ram_blocks
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ __all__ = [
     "DevicePort",
     "HostPort",
     "MemoryPort",
-    "PortError",
     "Ports",
     "RecordingPorts",
     "StreamHeader",
@@ -37,15 +36,6 @@ __all__ = [
     "StreamWriter",
     "Transfer",
 ]
-
-
-class PortError(CprFsmError):
-    """An operation failed; ``error`` is what QEMU reports for it."""
-
-    def __init__(self, error: str) -> None:
-        """Carry QEMU's text for the failure."""
-        self.error = error
-        super().__init__(error)
 
 
 @attrs.frozen(kw_only=True)

@@ -33,10 +33,10 @@ import attrs
 
 from cprfsm._files import ensure_directory, inside, open_regular, preallocate
 from cprfsm._qemu import SimulatedQemu
-from cprfsm.exceptions import UnsafePathError, UsageError
+from cprfsm.exceptions import BlockDeviceChanged, PortError, UnsafePathError, UsageError
 from cprfsm.executor import RamBlock, VmDefinition
 from cprfsm.legality import MemoryBackend, _device
-from cprfsm.ports import PortError, Ports, Transfer
+from cprfsm.ports import Ports, Transfer
 from cprfsm.statefile import StateFileReader, StateFileWriter
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from cprfsm.executor import Executor
     from cprfsm.ports import StreamHeader, StreamReader, StreamWriter
 
-__all__ = ["IMAGE_FORMATS", "BlockDeviceChanged", "Simulator", "on_volatile_filesystem"]
+__all__ = ["IMAGE_FORMATS", "Simulator", "on_volatile_filesystem"]
 
 IMAGE_FORMATS = frozenset({"qcow", "qcow2", "raw", "vdi", "vmdk", "vpc", "vhdx", "parallels"})
 """Device names that are disk image formats: the simulator backs each with an image file."""
@@ -57,19 +57,6 @@ _IMAGE_MAGIC = b"CPRDISK\n"
 _IMAGE = struct.Struct(">8s16sQ")
 _VOLATILE_TYPES = frozenset({"tmpfs", "ramfs"})
 _MOUNT_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-class BlockDeviceChanged(PortError):
-    """A block device's image changed between save and restore (cpr-reboot forbids it)."""
-
-    def __init__(self, device: str, path: Path, detail: str) -> None:
-        """Name the device, its image and what changed."""
-        self.device = device
-        self.path = path
-        super().__init__(
-            f"block device '{device}' changed between save and restore: {path} {detail}; "
-            "cpr-reboot needs guest disks left unmodified until the restart"
-        )
 
 
 def on_volatile_filesystem(path: str) -> bool:

@@ -70,7 +70,19 @@ from typing import TYPE_CHECKING, Self, TypeAlias
 import attrs
 
 from cprfsm._files import not_regular
-from cprfsm.ports import PortError, StreamHeader, Transfer
+from cprfsm.exceptions import (
+    CorruptSection,
+    CorruptStateFile,
+    ForeignStateFile,
+    InvalidHeader,
+    InvalidSection,
+    MissingSection,
+    PortError,
+    StateFileError,
+    TruncatedStateFile,
+    UnsupportedStateFile,
+)
+from cprfsm.ports import StreamHeader, Transfer
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -85,18 +97,9 @@ __all__ = [
     "QEMU_MODES",
     "QEMU_RUNSTATES",
     "VERSION",
-    "CorruptSection",
-    "CorruptStateFile",
-    "ForeignStateFile",
-    "InvalidHeader",
-    "InvalidSection",
-    "MissingSection",
     "NameCheck",
-    "StateFileError",
     "StateFileReader",
     "StateFileWriter",
-    "TruncatedStateFile",
-    "UnsupportedStateFile",
     "check_header",
 ]
 
@@ -149,7 +152,6 @@ QEMU_MODES = frozenset({"normal", "cpr-reboot", "cpr-transfer"})
 NameCheck: TypeAlias = Callable[[str], bool] | Collection[str]
 """The valid names of a header field: a collection of them, or a predicate."""
 
-_QEMU_MAGIC = b"QEVM"
 _PREAMBLE = struct.Struct(">HI")
 _CRC = struct.Struct(">I")
 _NAME_LENGTH = struct.Struct(">H")
@@ -160,101 +162,6 @@ _SECTION = b"S"
 _END = b"E"
 # Below this a payload is checksummed inline; above, on a thread while it is written.
 _CONCURRENT_CHECKSUM = 1 << 20
-
-
-class StateFileError(PortError):
-    """A state file is not one this module can load; ``path`` names it."""
-
-    def __init__(self, path: str, message: str) -> None:
-        """Carry the file and the whole message."""
-        self.path = path
-        super().__init__(message)
-
-
-class ForeignStateFile(StateFileError):
-    """The file is not a cprfsm state file (a QEMU stream, or anything else)."""
-
-    def __init__(self, path: str, start: bytes) -> None:
-        """Say what the file looks like instead."""
-        if start.startswith(_QEMU_MAGIC):
-            what = "a QEMU migration stream (magic QEVM)"
-        else:
-            what = f"something else (it starts with {start[: len(MAGIC)]!r})"
-        super().__init__(path, f"{path} is not a cprfsm state file: it is {what}")
-
-
-class UnsupportedStateFile(StateFileError):
-    """The file has a format version this module does not read."""
-
-    def __init__(self, path: str, version: int) -> None:
-        """Name both versions."""
-        self.version = version
-        super().__init__(
-            path,
-            f"{path} is a cprfsm state file of format version {version}; "
-            f"this cprfsm reads version {VERSION}",
-        )
-
-
-class TruncatedStateFile(StateFileError):
-    """The file ends before its end marker: a save that did not finish, or a cut copy."""
-
-    def __init__(self, path: str, size: int, where: str) -> None:
-        """Say where the file ends."""
-        super().__init__(path, f"{path} is truncated: it ends at byte {size}, {where}")
-
-
-class CorruptStateFile(StateFileError):
-    """Part of the file does not match its checksum or the end marker's digest."""
-
-    def __init__(self, path: str, what: str) -> None:
-        """Say which part is damaged."""
-        super().__init__(path, f"{path} is corrupt: {what}")
-
-
-class CorruptSection(CorruptStateFile):
-    """One section's payload does not match its checksum; ``section`` names it."""
-
-    def __init__(self, path: str, section: str) -> None:
-        """Name the section and the file."""
-        self.section = section
-        StateFileError.__init__(
-            self, path, f"section {section!r} of {path} is corrupt: checksum mismatch"
-        )
-
-
-class InvalidHeader(CorruptStateFile):
-    """The header breaks the schema (a crafted or foreign file); ``field`` names the field."""
-
-    def __init__(self, path: str, field: str | None, problem: str) -> None:
-        """Name the field (None for the header as a whole) and what is wrong with it."""
-        self.field = field
-        what = "the header" if field is None else f"the header field {field!r}"
-        super().__init__(path, f"{what} {problem}; save the VM again to replace the file")
-
-
-class InvalidSection(CorruptStateFile):
-    """A section record breaks the schema; ``section`` names it (None if its name is bad)."""
-
-    def __init__(self, path: str, section: str | None, offset: int, problem: str) -> None:
-        """Name the section, or the byte its record starts at, and what is wrong."""
-        self.section = section
-        self.offset = offset
-        what = (
-            f"the section record at byte {offset}"
-            if section is None
-            else f"section {section!r} (record at byte {offset})"
-        )
-        super().__init__(path, f"{what} {problem}; save the VM again to replace the file")
-
-
-class MissingSection(StateFileError):
-    """The file has no section of that name."""
-
-    def __init__(self, path: str, section: str) -> None:
-        """Name the section and the file."""
-        self.section = section
-        super().__init__(path, f"section {section!r} is missing from {path}")
 
 
 class _Pending:
@@ -557,7 +464,7 @@ class _Scan:
             raise TruncatedStateFile(self._path, len(start), "inside the preamble")
         version, length = _PREAMBLE.unpack_from(start, len(MAGIC))
         if version != VERSION:
-            raise UnsupportedStateFile(self._path, version)
+            raise UnsupportedStateFile(self._path, version, reads=VERSION)
         if length > MAX_HEADER_BYTES:
             raise InvalidHeader(
                 self._path,

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from cprfsm.exceptions import UsageError
-from cprfsm.executor import ExecutorError, MigrationSettings, QmpEvent, Report
+from cprfsm.exceptions import ExecutorError, UsageError
+from cprfsm.executor import MigrationSettings, QmpEvent, Report
 from cprfsm.machine import VirtualMachine
 from cprfsm.store import EventStore, SQLiteStore
 

@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from cprfsm import _files
 from cprfsm.cli import main
 from cprfsm.demo import DemoOptions, run_demo
+from cprfsm.exceptions import PortError
 from cprfsm.executor import VmDefinition
 from cprfsm.machine import VirtualMachine
-from cprfsm.ports import PortError
 from cprfsm.simulator import Simulator
 from cprfsm.statefile import StateFileReader
 from cprfsm.store import SQLiteStore

@@ -9,9 +9,10 @@ from structlog.testing import capture_logs
 
 from cprfsm import IllegalTransition, StoreError
 from cprfsm import vm_events as ev
+from cprfsm.exceptions import CommandFailed, QemuAbortPredicted
 from cprfsm.executor import VmDefinition
 from cprfsm.lifecycle import PHASES, phase_diagram, rebuild, replay
-from cprfsm.machine import CommandFailed, QemuAbortPredicted, VirtualMachine
+from cprfsm.machine import VirtualMachine
 from cprfsm.ports import RecordingPorts
 from cprfsm.store import InMemoryStore, SQLiteStore
 from cprfsm.testing import capture_transitions

@@ -10,9 +10,10 @@ import pytest
 
 from cprfsm import vm_events as ev
 from cprfsm._engine import machine_of, trigger_table
+from cprfsm.exceptions import ModelDivergence
 from cprfsm.executor import Report
 from cprfsm.lifecycle import rebuild
-from cprfsm.machine import ModelDivergence, VirtualMachine
+from cprfsm.machine import VirtualMachine
 from cprfsm.model import COMMANDS, load_model, modelled_releases
 from cprfsm.ports import RecordingPorts
 from cprfsm.store import InMemoryStore

@@ -10,9 +10,10 @@ import attrs
 import pytest
 
 from cprfsm import IllegalTransition, load_model
+from cprfsm.exceptions import CommandFailed, QemuAbortPredicted
 from cprfsm.executor import VmDefinition
 from cprfsm.lifecycle import VmState, replay
-from cprfsm.machine import CommandFailed, QemuAbortPredicted, VirtualMachine
+from cprfsm.machine import VirtualMachine
 from cprfsm.ports import RecordingPorts
 from cprfsm.store import InMemoryStore
 

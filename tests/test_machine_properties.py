@@ -11,9 +11,10 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from cprfsm import IllegalTransition, UsageError, load_model
 from cprfsm import vm_events as ev
+from cprfsm.exceptions import CommandFailed, QemuAbortPredicted
 from cprfsm.executor import VmDefinition
 from cprfsm.lifecycle import PHASES, replay
-from cprfsm.machine import CommandFailed, QemuAbortPredicted, VirtualMachine
+from cprfsm.machine import VirtualMachine
 from cprfsm.ports import RecordingPorts
 from cprfsm.store import InMemoryStore
 

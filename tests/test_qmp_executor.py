@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from qemu.qmp import QMPClient, QMPError
 
-from cprfsm.executor import Command, ExecutorError, Exited, QmpEvent, Report, VmDefinition
+from cprfsm.exceptions import ExecutorError
+from cprfsm.executor import Command, Exited, QmpEvent, Report, VmDefinition
 from cprfsm.qmp import (
     MARKER_MAGIC,
     Guest,

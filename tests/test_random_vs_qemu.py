@@ -27,10 +27,9 @@ from hypothesis import strategies as st
 from live.drive import Driven, Refused
 
 from cprfsm import vm_events as ev
-from cprfsm.exceptions import UsageError
+from cprfsm.exceptions import QemuAbortPredicted, UsageError
 from cprfsm.executor import VmDefinition
 from cprfsm.lifecycle import rebuild
-from cprfsm.machine import QemuAbortPredicted
 
 pytestmark = [pytest.mark.qemu, pytest.mark.usefixtures("qemu_golden_version")]
 

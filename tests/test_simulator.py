@@ -11,12 +11,12 @@ import pytest
 from test_statefile import flip, leftovers, mount_tmpfs, payload_offset, small_filesystem
 
 from cprfsm import vm_events as ev
-from cprfsm.exceptions import UsageError
+from cprfsm.exceptions import BlockDeviceChanged, CommandFailed, PortError, UsageError
 from cprfsm.executor import VmDefinition
 from cprfsm.lifecycle import rebuild
-from cprfsm.machine import CommandFailed, VirtualMachine
-from cprfsm.ports import PortError, RecordingPorts, StreamHeader
-from cprfsm.simulator import BlockDeviceChanged, Simulator, on_volatile_filesystem
+from cprfsm.machine import VirtualMachine
+from cprfsm.ports import RecordingPorts, StreamHeader
+from cprfsm.simulator import Simulator, on_volatile_filesystem
 from cprfsm.statefile import StateFileReader, StateFileWriter
 from cprfsm.store import SQLiteStore
 

@@ -14,9 +14,9 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 from cprfsm import IllegalTransition, UsageError
 from cprfsm import vm_events as ev
+from cprfsm.exceptions import CommandFailed, PortError, QemuAbortPredicted
 from cprfsm.executor import VmDefinition
-from cprfsm.machine import CommandFailed, QemuAbortPredicted, VirtualMachine
-from cprfsm.ports import PortError
+from cprfsm.machine import VirtualMachine
 from cprfsm.simulator import Simulator
 from cprfsm.store import InMemoryStore
 

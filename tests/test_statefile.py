@@ -13,19 +13,18 @@ from typing import TYPE_CHECKING
 import pytest
 
 from cprfsm import statefile
-from cprfsm.ports import PortError, StreamHeader
-from cprfsm.statefile import (
-    MAGIC,
+from cprfsm.exceptions import (
     CorruptSection,
     CorruptStateFile,
     ForeignStateFile,
     MissingSection,
+    PortError,
     StateFileError,
-    StateFileReader,
-    StateFileWriter,
     TruncatedStateFile,
     UnsupportedStateFile,
 )
+from cprfsm.ports import StreamHeader
+from cprfsm.statefile import MAGIC, StateFileReader, StateFileWriter
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

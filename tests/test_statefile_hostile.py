@@ -15,19 +15,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cprfsm import load_model, modelled_releases
-from cprfsm.exceptions import CprFsmError
+from cprfsm.exceptions import (
+    CprFsmError,
+    InvalidHeader,
+    InvalidSection,
+    StateFileError,
+    TruncatedStateFile,
+)
 from cprfsm.ports import StreamHeader
 from cprfsm.statefile import (
     MAX_HEADER_BYTES,
     MAX_SECTION_NAME,
     QEMU_MODES,
     QEMU_RUNSTATES,
-    InvalidHeader,
-    InvalidSection,
-    StateFileError,
     StateFileReader,
     StateFileWriter,
-    TruncatedStateFile,
     check_header,
 )
 

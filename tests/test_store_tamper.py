@@ -18,11 +18,12 @@ from cprfsm.exceptions import (
     CorruptStoreError,
     DamagedStreamError,
     ForeignStoreError,
+    LogMismatchError,
     StoreFileError,
     StoreNotFoundError,
     UsageError,
 )
-from cprfsm.lifecycle import LogMismatchError, replay
+from cprfsm.lifecycle import replay
 from cprfsm.store import SQLiteStore
 
 if TYPE_CHECKING:

@@ -6,8 +6,7 @@ import os
 from typing import TYPE_CHECKING
 
 from cprfsm._files import inside
-from cprfsm.exceptions import UnsafePathError
-from cprfsm.executor import ExecutorError
+from cprfsm.exceptions import ExecutorError, UnsafePathError
 from cprfsm.legality import MemoryBackend, _device
 from cprfsm.simulator import IMAGE_FORMATS
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 from cprfsm._files import open_regular, preallocate, refuse_special
-from cprfsm.exceptions import UnsafePathError
-from cprfsm.executor import Command, ExecutorError, Exited, QmpEvent, Report, VmDefinition
+from cprfsm.exceptions import ExecutorError, UnsafePathError
+from cprfsm.executor import Command, Exited, QmpEvent, Report, VmDefinition
 from cprfsm.legality import MemoryBackend
 from cprfsm.qmp._argv import (
     DEFAULT_ACCEL,

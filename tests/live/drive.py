@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from cprfsm import IllegalTransition
 from cprfsm import vm_events as ev
-from cprfsm.exceptions import UsageError
-from cprfsm.executor import Command, ExecutorError, VmDefinition
-from cprfsm.machine import QemuAbortPredicted, VirtualMachine
+from cprfsm.exceptions import ExecutorError, QemuAbortPredicted, UsageError
+from cprfsm.executor import Command, VmDefinition
+from cprfsm.machine import VirtualMachine
 from cprfsm.qmp import Guest, QmpExecutor
 from cprfsm.store import InMemoryStore
 
