@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import structlog
 
 from cprfsm import vm_events as ev
+from cprfsm._options import parse_switch
 from cprfsm.events import default_registry
 from cprfsm.exceptions import (
     CprFsmError,
@@ -31,7 +32,7 @@ from cprfsm.exceptions import (
     UnknownNameError,
     UsageError,
 )
-from cprfsm.legality import Configuration, MemoryBackend, Verdict, _switch, check
+from cprfsm.legality import Configuration, MemoryBackend, Verdict, check
 from cprfsm.lifecycle import fold, initial_state
 from cprfsm.model import COMMANDS, load_model
 from cprfsm.store import SQLiteStore
@@ -462,7 +463,7 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 
 def _run_check(args: argparse.Namespace) -> int:
     host = {
-        name: _switch(value, f"--host {name}")
+        name: parse_switch(value, f"--host {name}")
         for name, value in _pairs(args.host, "--host").items()
     }
     config = Configuration(

@@ -25,7 +25,7 @@ import attrs
 
 from cprfsm import _files
 from cprfsm import vm_events as ev
-from cprfsm._qemu import SimulatedQemu
+from cprfsm._options import parse_device
 from cprfsm.exceptions import (
     CommandFailed,
     CprFsmError,
@@ -36,10 +36,10 @@ from cprfsm.exceptions import (
     UsageError,
 )
 from cprfsm.executor import VmDefinition
-from cprfsm.legality import MemoryBackend, _device
+from cprfsm.legality import MemoryBackend
 from cprfsm.lifecycle import fold, initial_state
 from cprfsm.machine import VirtualMachine
-from cprfsm.simulator import Simulator
+from cprfsm.simulator import SimulatedQemu, Simulator
 from cprfsm.store import SQLiteStore
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ def resolve_backend(backend: str, devices: tuple[str, ...] = ()) -> str:
     """
     if backend not in BACKENDS:
         raise UsageError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
-    vfio = [spec for index, spec in enumerate(devices) if _device(spec, index)[0] == "vfio"]
+    vfio = [spec for index, spec in enumerate(devices) if parse_device(spec, index)[0] == "vfio"]
     if backend == "sim" or (backend == "auto" and vfio):
         return "sim"
     missing = qemu_backend_missing()

@@ -14,7 +14,8 @@ from typing import Any
 import attrs
 
 from cprfsm._conditions import Facts
-from cprfsm._files import NODE_NAME_LIMIT, check_name
+from cprfsm._files import check_name
+from cprfsm._options import parse_device, parse_switch, split_options
 from cprfsm.exceptions import UnknownNameError, UsageError
 from cprfsm.model import COMMANDS, Device, QemuModel, Rule, load_model
 
@@ -64,14 +65,14 @@ class MemoryBackend:
 
         As in QEMU's option syntax, ``,,`` is a comma inside a value (a path may hold one).
         """
-        kind, *options = _split_options(spec.strip())
+        kind, *options = split_options(spec.strip())
         fields: dict[str, Any] = {"kind": kind, "object": bool(options) or kind != "ram"}
         for option in options:
             key, sep, value = option.partition("=")
             if not sep:
                 raise UsageError(f"memory option {option!r} must be NAME=VALUE in {spec!r}")
             if key == "share":
-                fields["share"] = _switch(value, f"share in {spec!r}")
+                fields["share"] = parse_switch(value, f"share in {spec!r}")
             elif key == "path":
                 fields[key] = value
             elif key == "id":
@@ -311,7 +312,7 @@ def _facts(model: QemuModel, config: Configuration) -> Facts:
     _known("migration status", (config.migration,), model.migration_statuses, where)
     _known("incoming state", (config.incoming,), _INCOMING_STATES, where)
     _known("process", (config.process,), ("running", "absent"), where)
-    devices = tuple(_device(spec, index) for index, spec in enumerate(config.devices))
+    devices = tuple(parse_device(spec, index) for index, spec in enumerate(config.devices))
     by_name = {device.name: device for device in model.devices}
     _known("device", (name for name, _ in devices), by_name, where)
     host_defaults = {fact.name: fact.default for fact in model.host_facts}
@@ -367,36 +368,6 @@ def _facts(model: QemuModel, config: Configuration) -> Facts:
     )
 
 
-def _device(spec: str, index: int) -> tuple[str, str]:
-    """Split ``NAME[,node=NODE]``; the node defaults to the name and its position."""
-    name, *options = spec.split(",")
-    node = f"{name}{index}"
-    for option in options:
-        key, sep, value = option.partition("=")
-        if key != "node" or not sep or not value:
-            raise UsageError(f"device {spec!r}: the only option is node=NAME")
-        # The node names the device's image file and QEMU's block node: a name, never a path.
-        node = check_name(value, "node name", context=f"device {spec!r}", limit=NODE_NAME_LIMIT)
-    return name, node
-
-
-def _split_options(spec: str) -> list[str]:
-    """``spec`` split at single commas; ``,,`` stands for a comma inside a part (QEMU's rule)."""
-    parts = [""]
-    index = 0
-    while index < len(spec):
-        if spec.startswith(",,", index):
-            parts[-1] += ","
-            index += 2
-        elif spec[index] == ",":
-            parts.append("")
-            index += 1
-        else:
-            parts[-1] += spec[index]
-            index += 1
-    return parts
-
-
 def _newest_blocker(
     devices: tuple[tuple[str, str], ...], by_name: Mapping[str, Device], mode: str
 ) -> dict[str, str] | None:
@@ -410,14 +381,6 @@ def _newest_blocker(
                     "blocker_source": blocker.source,
                 }
     return None
-
-
-def _switch(value: str, what: str) -> bool:
-    if value in {"on", "true", "yes"}:
-        return True
-    if value in {"off", "false", "no"}:
-        return False
-    raise UsageError(f"{what} takes on or off, not {value!r}")
 
 
 def _known(kind: str, names: Iterable[str], valid: Iterable[str], where: str) -> None:

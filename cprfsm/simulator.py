@@ -9,10 +9,13 @@ mapping in 8 MiB sections without being copied.  Every device has a small
 state section whose counter moves as the guest runs; a block device (an image
 format such as ``qcow2``) is backed by an image file whose write generation is
 recorded at save and checked at load, so a disk modified between quit and
-restart is detected (:class:`BlockDeviceChanged`).  A host reboot deletes
-the state files and RAM files the simulator knows of on volatile filesystems.
+restart is detected (:class:`~cprfsm.exceptions.BlockDeviceChanged`).  A host
+reboot deletes the state files and RAM files the simulator knows of on volatile
+filesystems.  :class:`SimulatedQemu` is the executor made of the model's QEMU
+acting through such ports; :meth:`Simulator.executor` builds one.
 
-Import it as ``cprfsm.simulator``; ``import cprfsm`` does not load it.
+Import it as ``cprfsm.simulator``; ``import cprfsm`` loads it only when one of
+its names is asked for.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from typing import TYPE_CHECKING, Self
 import attrs
 
 from cprfsm._files import ensure_directory, inside, open_regular, preallocate
+from cprfsm._options import parse_device
 from cprfsm._qemu import SimulatedQemu
 from cprfsm.exceptions import BlockDeviceChanged, PortError, UnsafePathError, UsageError
 from cprfsm.executor import RamBlock, VmDefinition
-from cprfsm.legality import MemoryBackend, _device
+from cprfsm.legality import MemoryBackend
 from cprfsm.ports import Ports, Transfer
 from cprfsm.statefile import StateFileReader, StateFileWriter
 
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
     from cprfsm.executor import Executor
     from cprfsm.ports import StreamHeader, StreamReader, StreamWriter
 
-__all__ = ["IMAGE_FORMATS", "Simulator", "on_volatile_filesystem"]
+__all__ = ["IMAGE_FORMATS", "SimulatedQemu", "Simulator", "on_volatile_filesystem"]
 
 IMAGE_FORMATS = frozenset({"qcow", "qcow2", "raw", "vdi", "vmdk", "vpc", "vhdx", "parallels"})
 """Device names that are disk image formats: the simulator backs each with an image file."""
@@ -153,7 +157,7 @@ class _Host:
     def devices(self) -> tuple[_Device, ...]:
         devices = [_Device(node=_MACHINE_DEVICE, model=_MACHINE_DEVICE)]
         for index, spec in enumerate(self.definition.devices):
-            model, node = _device(spec, index)
+            model, node = parse_device(spec, index)
             image = self.workdir / "disks" / f"{node}.{model}" if model in IMAGE_FORMATS else None
             devices.append(_Device(node=node, model=model, image=image))
         return tuple(devices)

@@ -6,8 +6,9 @@ import os
 from typing import TYPE_CHECKING
 
 from cprfsm._files import inside
+from cprfsm._options import parse_device
 from cprfsm.exceptions import ExecutorError, UnsafePathError
-from cprfsm.legality import MemoryBackend, _device
+from cprfsm.legality import MemoryBackend
 from cprfsm.simulator import IMAGE_FORMATS
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def disk_images(definition: VmDefinition, workdir: Path) -> list[tuple[str, str,
     """
     images = []
     for index, spec in enumerate(definition.devices):
-        name, node = _device(spec, index)
+        name, node = parse_device(spec, index)
         if name in IMAGE_FORMATS:
             node = _plain(node, "device node name")
             images.append((name, node, workdir / f"{node}.{name}"))
