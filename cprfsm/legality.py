@@ -7,7 +7,7 @@ returns a frozen :class:`Verdict`.  It is pure: nothing is started or changed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping  # noqa: TC003 - attrs converters use them
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -37,16 +37,44 @@ _DEFAULT_RAM_REGION = "pc.ram"
 _LAST_AUX_REGION = "/rom@etc/acpi/rsdp"
 
 
-def _frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
+def _mapping(value: Mapping[str, Any], field: str, example: str) -> Mapping[str, Any]:
+    """A read-only copy of a mapping with string keys; anything else is a UsageError."""
+    if not isinstance(value, Mapping) or not all(type(key) is str for key in value):
+        raise UsageError(f"{field} takes a dict of names, such as {example}, not {value!r}")
     return MappingProxyType(dict(value))
 
 
-def _name_set(value: Iterable[str]) -> frozenset[str]:
-    return frozenset(value)
+def _parameters(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return _mapping(value, "parameters", "{'multifd-compression': 'zstd'}")
 
 
-def _name_tuple(value: Iterable[str]) -> tuple[str, ...]:
-    return tuple(value)
+def _host(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return _mapping(value, "host", "{'userfaultfd': False}")
+
+
+def _names(value: str | Iterable[str], field: str, example: str) -> tuple[str, ...]:
+    """One name or a collection of names, as a tuple; anything else is a UsageError."""
+    if type(value) is str:
+        return (value,)
+    if isinstance(value, Iterable) and not isinstance(value, bytes | bytearray | Mapping):
+        names = tuple(value)
+        if all(type(name) is str for name in names):
+            return names
+    raise UsageError(
+        f"{field} takes a name or a collection of names, such as {example}, not {value!r}"
+    )
+
+
+def _capabilities(value: str | Iterable[str]) -> frozenset[str]:
+    if type(value) is frozenset and all(type(name) is str for name in value):
+        return value
+    return frozenset(_names(value, "capabilities", "'x-ignore-shared' or {'x-ignore-shared'}"))
+
+
+def _devices(value: str | Iterable[str]) -> tuple[str, ...]:
+    if type(value) is tuple and all(type(name) is str for name in value):
+        return value
+    return _names(value, "devices", "'vfio' or ('vfio', 'qcow2,node=disk0')")
 
 
 @attrs.frozen(kw_only=True)
@@ -101,18 +129,44 @@ class MemoryBackend:
         return f"{self.kind},share={'on' if self.share else 'off'}"
 
 
+def _memory(value: str | MemoryBackend) -> MemoryBackend:
+    """A backend string such as ``memfd,share=on`` parsed; a MemoryBackend as it is."""
+    if type(value) is MemoryBackend:
+        return value
+    if type(value) is str:
+        return MemoryBackend.parse(value)
+    raise UsageError(
+        "memory takes a backend string such as 'memfd,share=on' or 'file,share=on,path=/dev/shm/"
+        f"ram0', or a MemoryBackend, not {value!r}"
+    )
+
+
+# Configuration's string fields, each with an example of what to pass.
+_EXAMPLES = {
+    "mode": "'cpr-reboot'",
+    "runstate": "'paused'",
+    "process": "'running' or 'absent'",
+    "migration": "'active'",
+    "incoming": "'deferred'",
+    "uri": "'file:/var/lib/vm.state'",
+}
+
+
 @attrs.frozen(kw_only=True)
 class Configuration:
     """One VM's situation and plan: what QEMU holds when a command arrives.
 
     ``mode``, ``capabilities`` and ``parameters`` are what the user will set;
     the rest describes the VM and its host.  Names are spelled as QEMU's QAPI
-    spells them.
+    spells them.  ``memory`` takes a backend string (``"memfd,share=on"``) or a
+    :class:`MemoryBackend`; ``capabilities`` and ``devices`` take one name
+    (``devices="vfio"``) or a collection of names.  A value of another type
+    raises :class:`~cprfsm.exceptions.UsageError` saying what to pass.
     """
 
     mode: str = "normal"
-    capabilities: frozenset[str] = attrs.field(default=frozenset(), converter=_name_set)
-    parameters: Mapping[str, str] = attrs.field(factory=dict, converter=_frozen_mapping)
+    capabilities: frozenset[str] = attrs.field(default=frozenset(), converter=_capabilities)
+    parameters: Mapping[str, str] = attrs.field(factory=dict, converter=_parameters)
     runstate: str = "running"
     process: str = "running"
     was_suspended: bool = False
@@ -120,10 +174,38 @@ class Configuration:
     incoming: str = "none"
     uri: str = "file:/var/lib/cprfsm/vm.state"
     cpr_channel: str | None = None
-    devices: tuple[str, ...] = attrs.field(default=(), converter=_name_tuple)
-    memory: MemoryBackend = attrs.field(factory=MemoryBackend)
+    devices: tuple[str, ...] = attrs.field(default=(), converter=_devices)
+    memory: MemoryBackend = attrs.field(factory=MemoryBackend, converter=_memory)
     aux_ram_share: bool = False
-    host: Mapping[str, bool] = attrs.field(factory=dict, converter=_frozen_mapping)
+    host: Mapping[str, bool] = attrs.field(factory=dict, converter=_host)
+
+    def __attrs_post_init__(self) -> None:
+        """Refuse fields of the wrong type with a UsageError naming what to pass."""
+        if not (
+            type(self.mode) is str
+            and type(self.runstate) is str
+            and type(self.process) is str
+            and type(self.migration) is str
+            and type(self.incoming) is str
+            and type(self.uri) is str
+            and (self.cpr_channel is None or type(self.cpr_channel) is str)
+            and type(self.was_suspended) is bool
+            and type(self.aux_ram_share) is bool
+        ):
+            self._refuse_mistyped()
+
+    def _refuse_mistyped(self) -> None:
+        for field, example in _EXAMPLES.items():
+            value = getattr(self, field)
+            if type(value) is not str:
+                raise UsageError(f"{field} takes a string such as {example}, not {value!r}")
+        for field in ("was_suspended", "aux_ram_share"):
+            if type(getattr(self, field)) is not bool:
+                raise UsageError(f"{field} takes True or False, not {getattr(self, field)!r}")
+        raise UsageError(
+            "cpr_channel takes a unix: URI such as 'unix:/run/cpr.sock', or None, "
+            f"not {self.cpr_channel!r}"
+        )
 
     @property
     def transport(self) -> str:
