@@ -10,7 +10,6 @@ nothing of cprfsm at run time, and every public exception lives here.
 
 from __future__ import annotations
 
-import difflib
 import os
 from typing import TYPE_CHECKING
 
@@ -87,6 +86,8 @@ class UnknownNameError(UsageError):
 
     def __init__(self, kind: str, name: str, valid: Iterable[str], *, context: str = "") -> None:
         """Say which name is unknown, list the valid ones and suggest the closest."""
+        import difflib  # noqa: PLC0415 - only a mistake pays for it, not ``import cprfsm``
+
         self.kind = kind
         self.name = name
         self.valid = tuple(valid)

@@ -20,6 +20,7 @@ from cprfsm.exceptions import UnknownNameError, UsageError
 from cprfsm.model import COMMANDS, Device, QemuModel, Rule, load_model
 
 __all__ = [
+    "INCOMING_STATES",
     "Configuration",
     "MemoryBackend",
     "Reason",
@@ -27,10 +28,11 @@ __all__ = [
     "check",
 ]
 
-# -incoming: none (not given), deferred (waiting for migrate-incoming), started
-# (an incoming migration in progress), completed, or wedged (migrate-incoming
-# failed to open its channel; QEMU stays in setup and refuses another one).
-_INCOMING_STATES = ("none", "deferred", "started", "completed", "wedged")
+INCOMING_STATES = ("none", "deferred", "started", "completed", "wedged")
+"""What a :class:`Configuration`'s ``incoming`` may be: ``-incoming`` not given, waiting for
+``migrate-incoming`` (deferred), an incoming migration in progress (started), completed, or
+wedged (``migrate-incoming`` failed to open its channel; QEMU stays in setup and refuses
+another one)."""
 # RAM region names of the pc machine with SeaBIOS: plain `-m` memory, and the
 # last implicit RAM block QEMU creates (so its CPR blocker is the newest).
 _DEFAULT_RAM_REGION = "pc.ram"
@@ -392,7 +394,7 @@ def _facts(model: QemuModel, config: Configuration) -> Facts:
     _known("capability", config.capabilities, model.capabilities, where)
     _known("runstate", (config.runstate,), model.runstates, where)
     _known("migration status", (config.migration,), model.migration_statuses, where)
-    _known("incoming state", (config.incoming,), _INCOMING_STATES, where)
+    _known("incoming state", (config.incoming,), INCOMING_STATES, where)
     _known("process", (config.process,), ("running", "absent"), where)
     devices = tuple(parse_device(spec, index) for index, spec in enumerate(config.devices))
     by_name = {device.name: device for device in model.devices}

@@ -23,7 +23,7 @@ from cprfsm.exceptions import (
     VersionConflict,
 )
 from cprfsm.store import EventStore, InMemoryStore, SQLiteStore
-from cprfsm.testing import EventStoreContract
+from cprfsm.testing.contract import EventStoreContract
 
 if TYPE_CHECKING:
     from collections.abc import Callable

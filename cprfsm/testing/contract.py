@@ -1,7 +1,9 @@
-"""A test kit for event stores: the contract every :class:`~cprfsm.store.EventStore` passes.
+"""The contract every :class:`~cprfsm.store.EventStore` passes, as pytest tests.
 
 Subclass :class:`EventStoreContract` in a test module, name the subclass ``Test...`` and
 say how to make the store; pytest then runs the whole contract against it::
+
+    from cprfsm.testing.contract import EventStoreContract
 
     class TestMyStore(EventStoreContract):
         persistent = True
@@ -9,13 +11,14 @@ say how to make the store; pytest then runs the whole contract against it::
         def make_store(self, path, registry):
             return MyStore(path, registry=registry)
 
-This module imports pytest; ``import cprfsm`` never imports it.
+This module runs under pytest, which the ``testing`` extra does not install (the
+kit in :mod:`cprfsm.testing` needs no pytest): ``pip install pytest`` next to
+``cprfsm[testing]``.
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import itertools
 import math
 import multiprocessing
@@ -28,10 +31,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
-import pytest
-import structlog.testing
 
-from cprfsm import events as _events
+try:
+    import pytest
+except ModuleNotFoundError as missing:  # pragma: no cover - exercised in a clean venv
+    raise ModuleNotFoundError(
+        "cprfsm.testing.contract runs under pytest, which is not installed: "
+        "pip install pytest (the kit in cprfsm.testing works without it)",
+        name=missing.name,
+    ) from missing
+
 from cprfsm.events import MAX_JSON_BYTES, MAX_JSON_DEPTH, Event, EventRegistry
 from cprfsm.exceptions import (
     DamagedStreamError,
@@ -46,7 +55,7 @@ if TYPE_CHECKING:
 
     from cprfsm.store import EventStore
 
-__all__ = ["EventStoreContract", "capture_transitions"]
+__all__ = ["EventStoreContract"]
 
 _registry = EventRegistry()
 _STREAM = "vm-1"
@@ -300,7 +309,8 @@ class EventStoreContract(abc.ABC):
     ) -> None:
         """When the clock steps back, appends keep the stream's last time instead."""
         times = iter([datetime(2030, 1, 1, tzinfo=UTC), datetime(2020, 1, 1, tzinfo=UTC)])
-        monkeypatch.setattr(_events, "_now", lambda: next(times))
+        # The store's clock is private to the codec; patching it by name keeps it so.
+        monkeypatch.setattr("cprfsm.events._now", lambda: next(times))
         store.append(_STREAM, _counted(2), expected_version=0)
         store.append(_STREAM, _counted(2, start=2), expected_version=2)
         stamps = [r.recorded_at for r in store.read(_STREAM)]
@@ -470,19 +480,3 @@ def _append_batches_forever(contract: type[EventStoreContract], path: str, start
         events = [_Counted(writer=str(batch), n=n) for n in range(_KILL_BATCH)]
         version = store.append(_STREAM, events, expected_version=version)
         started.set()
-
-
-@contextlib.contextmanager
-def capture_transitions() -> Iterator[list[dict[str, Any]]]:
-    """Collect cprfsm's ``transition.*`` log events (as dicts) logged in the block.
-
-    The list is filled when the block ends.  A thin filter over
-    :func:`structlog.testing.capture_logs`, for tests and notebooks: the
-    library itself never configures logging.
-    """
-    collected: list[dict[str, Any]] = []
-    with structlog.testing.capture_logs() as logs:
-        yield collected
-    collected.extend(
-        dict(entry) for entry in logs if str(entry.get("event", "")).startswith("transition.")
-    )
