@@ -439,3 +439,11 @@ def test_no_module_reaches_into_another_modules_private_names() -> None:
                 unexpected.append(f"{where} uses {module}.{name}")
     assert unexpected == []
     assert seen == KNOWN_PRIVATE_IMPORTS, "remove the entries that no longer occur"
+
+
+def test_reference_shows_every_exception_in_the_tree() -> None:
+    """docs/reference.md draws the exception tree with every exception of cprfsm.exceptions."""
+    reference = (PACKAGE.parent / "docs" / "reference.md").read_text()
+    tree = reference.split("## The exception tree", 1)[1].split("```", 2)[1]
+    exceptions = importlib.import_module("cprfsm.exceptions")
+    assert set(re.findall(r"\b([A-Z]\w+)\b", tree)) >= set(exceptions.__all__)
