@@ -123,7 +123,8 @@ def commands(
 
     Run it with ``getattr(vm, method)(**arguments)``.  Modes, capabilities and
     releases come from the model; ``migrate`` and ``migrate-incoming`` use ``uris``.
-    Many are refused where they land, as a user's would be.
+    Many are refused where they land, as a user's would be: IllegalTransition, or
+    UnknownNameError for a name the release after an ``upgrade_qemu`` does not know.
     """
     return st.one_of(list(_steps(model or load_model(qemu), uris).values()))
 
